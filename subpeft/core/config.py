@@ -1,0 +1,130 @@
+"""Base configuration shared by every method: targets, exclusions, JSON round-trip.
+
+A method's config is a dataclass that subclasses :class:`AdapterConfig` and is registered under a
+name (see :mod:`subpeft.core.registry`). Its fields are the method's options; the three fields
+below are common to all methods and keyword-only, so that ``sp.LoRA(8, 16)`` reads as
+``r=8, alpha=16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+TargetSpec = "list[str] | str | None"
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Fields every method shares.
+
+    targets: which modules to adapt: a list of names (an exact module name or a dotted suffix of
+        one, ``"query"`` matches ``encoder.layer.0.attention.self.query``), a regular expression
+        string matched against whole module names, or ``"all-linear"`` (every Linear/Conv1D except
+        the output head). ``None`` uses the method's default for known architectures.
+    exclude: modules never adapted, in the same forms as ``targets``.
+    modules_to_save: modules trained in full and saved with the adapter (e.g. a freshly
+        initialised classification head), matched like list ``targets``.
+    """
+
+    method: ClassVar[str] = ""
+
+    targets: list[str] | str | None = None
+    exclude: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set)):
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list)):
+                raise ConfigError(f"{name} must be a list of module names, a regex string or None, got {value!r}")
+            if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{name} must contain non-empty strings, got {value!r}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    # -- per-method hooks -------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on invalid option values (overridden by methods)."""
+
+    # -- helpers for validate() -------------------------------------------------------------
+    def _check_positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+
+    def _check_range(self, name: str, low: float, high: float, *, high_inclusive: bool = False) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
+        ok = ok and (value <= high if high_inclusive else value < high)
+        if not ok:
+            bracket = "]" if high_inclusive else ")"
+            raise ConfigError(f"{type(self).__name__}.{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Native JSON form: ``{"method": ..., "subpeft_version": ..., **fields}``."""
+        out: dict[str, Any] = {"method": self.method, "subpeft_version": _version()}
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Build from the native form; unknown keys (from a newer version) warn and are ignored."""
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        data.pop("subpeft_version", None)
+        if method != cls.method:
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: ignoring unknown config keys {unknown} (written by a newer subpeft?)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # PEFT interoperability: methods whose definition equals a Hugging Face PEFT method override
+    # these two so that their adapters are written in (and read from) PEFT's format.
+    peft_type: ClassVar[str | None] = None
+
+    def to_peft_dict(self) -> dict[str, Any] | None:
+        """The equivalent PEFT config dict, or None if PEFT has no identical method."""
+        return None
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        raise ConfigError(f"{cls.__name__} cannot be read from a PEFT config")
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def config_field(default: Any, help: str = "") -> Any:  # noqa: A002 - mirrors dataclasses.field
+    """A dataclass field with help text (shown by ``subpeft methods``)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})

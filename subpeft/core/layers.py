@@ -1,0 +1,79 @@
+"""What subpeft knows about base layer types: their kind, their (d_out, d_in) view, their factories.
+
+Every supported layer is a linear map with a weight W that has a 2-D view of shape (d_out, d_in)
+in PyTorch ``nn.Linear`` layout:
+
+- ``linear``    nn.Linear, weight (d_out, d_in)
+- ``conv1d``    transformers' Conv1D (GPT-2 style), weight stored transposed, (d_in, d_out)
+- ``embedding`` nn.Embedding, weight (num_embeddings, dim): a lookup is one-hot · E, so W = Eᵀ
+- ``conv2d``    nn.Conv2d, weight (c_out, c_in, kh, kw): W = weight reshaped to (c_out, c_in·kh·kw)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LAYER_TYPES = ("linear", "conv1d", "embedding", "conv2d")
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def layer_type(module: nn.Module) -> str | None:
+    """The subpeft layer type of a module, or None if it is not a supported weight layer."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_hf_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def dims(module: nn.Module, kind: str) -> tuple[int, int]:
+    """(d_out, d_in) of the layer's 2-D weight view."""
+    w = module.weight
+    if kind == "linear":
+        return w.shape[0], w.shape[1]
+    if kind == "conv1d":
+        return w.shape[1], w.shape[0]
+    if kind == "embedding":
+        return w.shape[1], w.shape[0]
+    if kind == "conv2d":
+        return w.shape[0], w[0].numel()
+    raise ValueError(f"unknown layer type {kind!r}")
+
+
+def weight_2d(module: nn.Module, kind: str) -> torch.Tensor:
+    """The weight as a (d_out, d_in) matrix (a view where the layout allows)."""
+    w = module.weight
+    if kind == "linear":
+        return w
+    if kind in ("conv1d", "embedding"):
+        return w.t()
+    if kind == "conv2d":
+        return w.reshape(w.shape[0], -1)
+    raise ValueError(f"unknown layer type {kind!r}")
+
+
+def from_2d(module: nn.Module, kind: str, mat: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`weight_2d`: a (d_out, d_in) matrix in the layer's native weight layout."""
+    if kind == "linear":
+        return mat
+    if kind in ("conv1d", "embedding"):
+        return mat.t()
+    if kind == "conv2d":
+        return mat.reshape(module.weight.shape)
+    raise ValueError(f"unknown layer type {kind!r}")
+
+
+def factory(module: nn.Module) -> dict:
+    """device/dtype for new adapter tensors of this layer: the base weight's, float32 if not float."""
+    w = module.weight
+    dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+    return {"device": w.device, "dtype": dtype}

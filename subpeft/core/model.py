@@ -1,0 +1,426 @@
+"""TunedModel: a base model with named adapters attached.
+
+It forwards exactly like the base model (all arguments, HF ``generate``, attribute access) and
+adds the adapter life cycle: add / set / delete adapters, merge / unmerge / unload, disable,
+save / load, and the two training-time hooks ``regularization()`` and ``step(global_step)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .config import AdapterConfig
+from .errors import AdapterLoadError, AdapterNameError, ConfigError, SubpeftError
+from .io import read_config, read_tensors, write_adapter
+from .layer import AdaptedLayer, TrainableCopy
+from .registry import config_from_dict, method_for_config
+from .targets import candidate_type, default_targets, find_modules_to_save, find_targets
+
+FILE_PREFIX = "base_model.model."
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class TunedModel(nn.Module):
+    """A model with subpeft adapters. Create it with :func:`subpeft.attach` or :func:`subpeft.load`."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, TunedModel):
+            raise TypeError("model already has adapters: use tuned.add_adapter(name, config)")
+        self.model = model
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active_adapters: list[str] = []
+        self._grad_backup = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            self._restore_grad()
+            raise
+        self.set_adapter(adapter_name)
+
+    # -- behaving like the wrapped model ---------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    # -- walking our own modules ---------------------------------------------------------------------
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+
+    def _trainable_copies(self) -> Iterator[tuple[str, TrainableCopy]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, TrainableCopy):
+                yield name, module
+
+    def adapters_of(self, adapter_name: str) -> list[tuple[str, Adapter]]:
+        """(layer name, adapter module) for every layer holding the named adapter."""
+        return [(n, layer.adapters[adapter_name]) for n, layer in self.adapted_layers() if adapter_name in layer.adapters]
+
+    def _check_name(self, name: str, *, exists: bool) -> None:
+        if exists and name not in self.configs:
+            raise AdapterNameError(f"no adapter named {name!r}; adapters: {sorted(self.configs)}")
+        if not exists and name in self.configs:
+            raise AdapterNameError(f"an adapter named {name!r} already exists")
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.active_adapters[0] if self.active_adapters else None
+
+    # -- adding, choosing, deleting ------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Attach a new named adapter (inactive until :meth:`set_adapter`)."""
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be a subpeft method config (e.g. sp.LoRA(...)), got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not _NAME_RE.match(adapter_name):
+            raise AdapterNameError(f"adapter name must be an identifier without dots, got {adapter_name!r}")
+        self._check_name(adapter_name, exists=False)
+        info = method_for_config(config)
+        if config.targets is None:
+            resolved = default_targets(self.model)
+            if resolved is not None:
+                config = config.replace(targets=resolved)
+        self.configs[adapter_name] = config
+        try:
+            names = find_targets(
+                self.model, config.targets, config.exclude, method=info.name, supported=info.adapter_cls.layer_types
+            )
+            for name in names:
+                module = self.model.get_submodule(name)
+                if not isinstance(module, AdaptedLayer):
+                    module = AdaptedLayer(module, candidate_type(module))
+                    _set_submodule(self.model, name, module)
+                module.adapters[adapter_name] = info.adapter_cls(config, module.base_layer, module.layer_type)
+            for name in find_modules_to_save(self.model, config.modules_to_save or []):
+                module = self.model.get_submodule(name)
+                if not isinstance(module, TrainableCopy):
+                    module = TrainableCopy(module)
+                    _set_submodule(self.model, name, module)
+                module.add(adapter_name)
+        except BaseException:
+            self._remove(adapter_name)
+            raise
+        self._freeze(adapter_name)
+        self._apply_active()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active and trainable; every other adapter is frozen and inactive."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            self._check_name(n, exists=True)
+        for n in self.configs:
+            if n not in names:
+                self._freeze(n)
+        for n in names:
+            for p in self._adapter_parameters(n):
+                p.requires_grad_(True)
+        self.active_adapters = names
+        self._apply_active()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter everywhere; a layer left with no adapter gets its base layer back."""
+        self._check_name(adapter_name, exists=True)
+        for _, layer in self.adapted_layers():
+            if adapter_name in layer.merged:
+                layer.unmerge(adapter_name)
+        self._remove(adapter_name)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        self._apply_active()
+
+    def _remove(self, adapter_name: str) -> None:
+        self.configs.pop(adapter_name, None)
+        for name, layer in list(self.adapted_layers()):
+            if adapter_name in layer.adapters:
+                del layer.adapters[adapter_name]
+            if len(layer.adapters) == 0:
+                _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in list(self._trainable_copies()):
+            if adapter_name in wrapper.copies:
+                del wrapper.copies[adapter_name]
+            if len(wrapper.copies) == 0:
+                _set_submodule(self.model, name, wrapper.original)
+
+    def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for _, adapter in self.adapters_of(adapter_name):
+            yield from adapter.parameters()
+        for _, wrapper in self._trainable_copies():
+            if adapter_name in wrapper.copies:
+                yield from wrapper.copies[adapter_name].parameters()
+
+    def _freeze(self, adapter_name: str) -> None:
+        for p in self._adapter_parameters(adapter_name):
+            p.requires_grad_(False)
+
+    def _apply_active(self) -> None:
+        active = tuple(self.active_adapters)
+        for _, layer in self.adapted_layers():
+            layer.active = active
+        for _, wrapper in self._trainable_copies():
+            wrapper.active = next((n for n in active if n in wrapper.copies), None)
+
+    # -- training-time hooks ---------------------------------------------------------------------
+    def regularization(self) -> torch.Tensor:
+        """The loss term every active adapter asks for (MPC, AdaLoRA orthogonality, ...); 0 if none."""
+        terms = []
+        for name in self.active_adapters:
+            adapters = [a for _, a in self.adapters_of(name)]
+            if adapters:
+                term = type(adapters[0]).model_regularization(adapters)
+                if term is not None:
+                    terms.append(term)
+        if terms:
+            return torch.stack(terms).sum()
+        param = next(self.model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+
+    def step(self, global_step: int) -> None:
+        """Call after every optimizer step: runs each active method's schedule (budgets, phases)."""
+        for name in self.active_adapters:
+            adapters = [a for _, a in self.adapters_of(name)]
+            if adapters:
+                type(adapters[0]).model_step(adapters, int(global_step))
+
+    # -- parameters -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        pct = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}")
+
+    # -- merging ---------------------------------------------------------------------------------
+    def _merge_names(self, adapter_names: list[str] | None) -> list[str]:
+        names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
+        for n in names:
+            self._check_name(n, exists=True)
+            info = method_for_config(self.configs[n])
+            if not info.mergeable:
+                raise SubpeftError(f"adapter {n!r} ({info.name}) cannot be merged into the base weights")
+        return names
+
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        """Fold the (active) adapters into the base weights. ``safe=True`` refuses NaN/inf and then
+        changes nothing."""
+        names = self._merge_names(adapter_names)
+        layers = [layer for _, layer in self.adapted_layers()]
+        if safe:
+            for layer in layers:
+                for n in names:
+                    if n in layer.adapters and n not in layer.merged:
+                        layer.check_mergeable(n)
+        for layer in layers:
+            for n in names:
+                if n in layer.adapters:
+                    layer.merge(n)
+
+    def unmerge(self) -> None:
+        for _, layer in self.adapted_layers():
+            layer.unmerge()
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        out: list[str] = []
+        for _, layer in self.adapted_layers():
+            out += [n for n in layer.merged if n not in out]
+        return out
+
+    def _unwrap(self, keep_copies: bool) -> nn.Module:
+        for name, layer in list(self.adapted_layers()):
+            _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in list(self._trainable_copies()):
+            _set_submodule(self.model, name, wrapper.current() if keep_copies else wrapper.original)
+        self._restore_grad()
+        self.configs.clear()
+        self.active_adapters = []
+        return self.model
+
+    def _restore_grad(self) -> None:
+        for n, p in self.model.named_parameters():
+            if n in self._grad_backup:
+                p.requires_grad_(self._grad_backup[n])
+
+    def merge_and_unload(self, safe: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active adapters and return the plain base model (no subpeft modules left)."""
+        self.merge(adapter_names, safe=safe)
+        return self._unwrap(keep_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Return the base model with every adapter removed and nothing merged."""
+        self.unmerge()
+        return self._unwrap(keep_copies=False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes the base model's output."""
+        merged = {name: list(layer.merged) for name, layer in self.adapted_layers()}
+        if any(merged.values()):
+            self.unmerge()
+        layers = [layer for _, layer in self.adapted_layers()]
+        wrappers = [w for _, w in self._trainable_copies()]
+        for m in layers + wrappers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in layers + wrappers:
+                m.disabled = False
+            for name, layer in self.adapted_layers():
+                for n in merged.get(name, []):
+                    layer.merge(n)
+
+    # -- saving and loading -------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The named adapter's tensors under their file keys (``base_model.model.<module>.<key>``)."""
+        self._check_name(adapter_name, exists=True)
+        out: dict[str, torch.Tensor] = {}
+        for layer_name, adapter in self.adapters_of(adapter_name):
+            for key, value in adapter.state_dict().items():
+                out[f"{FILE_PREFIX}{layer_name}.{adapter.file_key(key)}"] = value
+        for name, wrapper in self._trainable_copies():
+            if adapter_name in wrapper.copies:
+                for key, value in wrapper.copies[adapter_name].state_dict().items():
+                    out[f"{FILE_PREFIX}{name}.{key}"] = value
+        return out
+
+    def _file_config(self, adapter_name: str) -> tuple[dict[str, Any], dict[str, str]]:
+        from .. import __version__
+
+        config = self.configs[adapter_name]
+        meta = {"subpeft_method": config.method, "subpeft_version": __version__}
+        peft = config.to_peft_dict()
+        if peft is not None:
+            base = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            peft.setdefault("base_model_name_or_path", base or None)
+            return peft, meta
+        return config.to_dict(), meta
+
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | list[str] | None = None) -> None:
+        """Write each adapter: "default" (or the only one) into the directory, others into
+        ``save_directory/<name>``, as Hugging Face PEFT does."""
+        names = list(self.configs) if adapter_name is None else ([adapter_name] if isinstance(adapter_name, str) else adapter_name)
+        root_name = "default" if "default" in names else (names[0] if len(names) == 1 else None)
+        for n in names:
+            self._check_name(n, exists=True)
+            config, meta = self._file_config(n)
+            directory = save_directory if n == root_name else os.path.join(save_directory, n)
+            write_adapter(directory, config, self.adapter_state_dict(n), meta)
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> None:
+        """Load an adapter directory as a new named adapter (and make it active)."""
+        directory = os.fspath(directory)
+        config, tensors = _read_adapter(directory)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_tensors(adapter_name, tensors, directory)
+        except BaseException:
+            self._remove(adapter_name)
+            self._apply_active()
+            raise
+        self.set_adapter(adapter_name)
+        if not trainable:
+            self._freeze(adapter_name)
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        bad_shape = [
+            f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in tensors and tensors[k].shape != v.shape
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the file (e.g. {missing[:3]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors in the file that this model has no place for (e.g. {unexpected[:3]})")
+        if bad_shape:
+            problems.append(f"{len(bad_shape)} shape mismatches (e.g. {bad_shape[:3]})")
+        if problems:
+            raise AdapterLoadError(
+                f"adapter in {source!r} does not fit this model: " + "; ".join(problems)
+                + ". Was it trained on a different base model?"
+            )
+        with torch.no_grad():
+            for k, v in expected.items():
+                v.copy_(tensors[k].to(v.dtype))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
+    ) -> TunedModel:
+        return load(model, directory, adapter_name=adapter_name, trainable=trainable)
+
+
+def _read_adapter(directory: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an adapter directory, read in full before anything is changed."""
+    try:
+        config = config_from_dict(read_config(directory))
+    except ConfigError as exc:
+        raise AdapterLoadError(f"cannot read the adapter config in {directory!r}: {exc}") from None
+    tensors, _ = read_tensors(directory)
+    return config, tensors
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> TunedModel:
+    """Attach a method to a model: ``tuned = sp.attach(model, sp.LoRA(r=8, targets=[...]))``.
+
+    Base parameters are frozen; the adapter's parameters (and ``modules_to_save`` copies) train.
+    """
+    return TunedModel(model, config, adapter_name=name)
+
+
+def load(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
+) -> TunedModel:
+    """Load an adapter saved by subpeft (or a LoRA adapter saved by Hugging Face PEFT) onto a model.
+
+    On any error (missing or corrupt files, shapes that do not fit) the model is left unchanged.
+    With ``trainable=False`` the adapter is frozen and the model put in eval mode.
+    """
+    if isinstance(model, TunedModel):
+        model.load_adapter(directory, adapter_name, trainable=trainable)
+        return model
+    directory = os.fspath(directory)
+    config, tensors = _read_adapter(directory)
+    tuned = TunedModel(model, config, adapter_name)
+    try:
+        tuned._load_tensors(adapter_name, tensors, directory)
+    except BaseException:
+        tuned.unload()
+        raise
+    if not trainable:
+        tuned._freeze(adapter_name)
+        tuned.eval()
+    return tuned
+

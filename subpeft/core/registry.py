@@ -1,0 +1,131 @@
+"""Method registry: a name maps to its config class, its adapter (layer) class and its family."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .config import AdapterConfig
+
+FAMILIES = ("reconstruction", "extension", "combination", "framework")
+KINDS = ("weight", "module", "prompt")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    family: str
+    mergeable: bool
+    kind: str
+    config_cls: type
+    adapter_cls: type
+    formula: str  # per-layer trainable-parameter formula, for docs and `subpeft methods`
+    layer_types: tuple[str, ...]
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "mergeable": self.mergeable,
+            "kind": self.kind,
+            "formula": self.formula,
+            "layer_types": list(self.layer_types),
+        }
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+_PEFT_TYPES: dict[str, str] = {}
+_LOADED = False
+
+
+def register(adapter_cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator for an :class:`~subpeft.core.adapter.Adapter` subclass.
+
+    The adapter class names its config class (``config_cls``), its ``family``, ``kind``,
+    ``mergeable`` and ``formula``; the config class's ``method`` is the registered name.
+    """
+    config_cls = adapter_cls.config_cls
+    name = config_cls.method
+    if not name:
+        raise TypeError(f"{config_cls.__name__}.method must be set to the registered name")
+    if adapter_cls.family not in FAMILIES:
+        raise TypeError(f"{adapter_cls.__name__}.family must be one of {FAMILIES}")
+    if adapter_cls.kind not in KINDS:
+        raise TypeError(f"{adapter_cls.__name__}.kind must be one of {KINDS}")
+    if name in _REGISTRY and _REGISTRY[name].adapter_cls is not adapter_cls:
+        raise TypeError(f"method {name!r} is registered twice")
+    _REGISTRY[name] = MethodInfo(
+        name=name,
+        family=adapter_cls.family,
+        mergeable=adapter_cls.mergeable,
+        kind=adapter_cls.kind,
+        config_cls=config_cls,
+        adapter_cls=adapter_cls,
+        formula=adapter_cls.formula,
+        layer_types=tuple(adapter_cls.layer_types),
+    )
+    if config_cls.peft_type:
+        _PEFT_TYPES[config_cls.peft_type] = name
+    return adapter_cls
+
+
+def _load_builtin_methods() -> None:
+    """Import every module under subpeft.methods so that each registers itself."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from .. import methods
+
+    for mod in pkgutil.walk_packages(methods.__path__, prefix=methods.__name__ + "."):
+        importlib.import_module(mod.name)
+
+
+def get_method(name: str) -> MethodInfo:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint} Known methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def method_for_config(config: AdapterConfig) -> MethodInfo:
+    return get_method(type(config).method)
+
+
+def list_methods() -> list[MethodInfo]:
+    """Every registered method: name, family, mergeable, kind (and formula, layer types)."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """A config from its JSON dict: ``data["method"]`` is the registered name.
+
+    A Hugging Face PEFT config dict (with ``peft_type``) is accepted for the methods that PEFT
+    shares with subpeft.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a dict, got {type(data).__name__}")
+    if "method" in data:
+        return get_method(data["method"]).config_cls.from_dict(data)
+    if "peft_type" in data:
+        _load_builtin_methods()
+        peft_type = str(data["peft_type"]).upper()
+        if peft_type not in _PEFT_TYPES:
+            raise ConfigError(
+                f"PEFT adapter type {peft_type!r} is not supported by subpeft; supported PEFT types: "
+                f"{', '.join(sorted(_PEFT_TYPES)) or 'none'}"
+            )
+        return get_method(_PEFT_TYPES[peft_type]).config_cls.from_peft_dict(data)
+    raise ConfigError("a config dict needs a 'method' key naming a registered method (see sp.list_methods())")

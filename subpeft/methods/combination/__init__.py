@@ -1,0 +1,1 @@
+"""Combination methods: reshape W's subspaces and add new ones."""

@@ -1,0 +1,1 @@
+"""Extension methods: φ(W) = W + s·ΔW adds a new subspace."""

@@ -1,0 +1,165 @@
+"""LoRA: φ(W) = W + (α/r)·B·A, A (r, d_in), B (d_out, r).
+
+Init: A Kaiming-uniform (a = √5), B = 0 (for nn.Embedding, as in Hugging Face PEFT: A = 0,
+B ~ N(0, 1)); both give the identity at attach. Dropout acts on the LoRA input only.
+rsLoRA scales by α/√r. Files use Hugging Face PEFT's key names and config fields, so adapters
+move between subpeft and ``peft`` in both directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.adapter import Adapter
+from ...core.config import AdapterConfig
+from ...core.errors import ConfigError, UnsupportedLayerError
+from ...core.layers import dims, factory
+from ...core.registry import register
+
+
+@dataclass
+class LoRA(AdapterConfig):
+    """LoRA (Hu et al., 2021). ``sp.LoRA(r=8, alpha=16, dropout=0.0, targets=[...], rslora=False)``."""
+
+    method = "lora"
+    peft_type = "LORA"
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def validate(self) -> None:
+        self._check_positive_int("r")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"LoRA.alpha must be a positive number, got {self.alpha!r}")
+        self._check_range("dropout", 0.0, 1.0)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    # -- Hugging Face PEFT's LoraConfig ------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
+            "target_modules": self.targets,
+            "exclude_modules": self.exclude,
+            "modules_to_save": self.modules_to_save,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "use_dora": False,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> LoRA:
+        unsupported = {
+            "bias": (data.get("bias", "none") or "none") != "none",
+            "use_dora": bool(data.get("use_dora")),
+            "rank_pattern": bool(data.get("rank_pattern")),
+            "alpha_pattern": bool(data.get("alpha_pattern")),
+            "layers_to_transform": data.get("layers_to_transform") is not None,
+            "lora_bias": bool(data.get("lora_bias")),
+            "target_parameters": bool(data.get("target_parameters")),
+            "trainable_token_indices": bool(data.get("trainable_token_indices")),
+            "layer_replication": bool(data.get("layer_replication")),
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ConfigError(f"this PEFT LoRA adapter uses options subpeft's LoRA does not have: {bad}")
+        targets = data.get("target_modules")
+        if isinstance(targets, (set, tuple)):
+            targets = sorted(targets)
+        return cls(
+            r=int(data.get("r", 8)),
+            alpha=data.get("lora_alpha", 8),
+            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            rslora=bool(data.get("use_rslora", False)),
+            targets=targets,
+            exclude=data.get("exclude_modules"),
+            modules_to_save=data.get("modules_to_save"),
+        )
+
+
+@register
+class LoRAAdapter(Adapter):
+    config_cls = LoRA
+    family = "extension"
+    formula = "r·(d_in + d_out)"
+    layer_types = ("linear", "conv1d", "embedding", "conv2d")
+
+    def __init__(self, config: LoRA, base_layer: nn.Module, layer_type: str) -> None:
+        super().__init__(config, base_layer, layer_type)
+        r = config.r
+        kw = factory(base_layer)
+        d_out, d_in = dims(base_layer, layer_type)
+        self.scaling = config.scaling
+        if layer_type == "conv2d":
+            if base_layer.groups != 1:
+                raise UnsupportedLayerError(f"LoRA supports nn.Conv2d with groups=1 only, got groups={base_layer.groups}")
+            w = base_layer.weight
+            self.lora_A = nn.Parameter(torch.empty(r, *w.shape[1:], **kw))
+            self.lora_B = nn.Parameter(torch.zeros(d_out, r, 1, 1, **kw))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif layer_type == "embedding":
+            self.lora_A = nn.Parameter(torch.zeros(r, d_in, **kw))
+            self.lora_B = nn.Parameter(torch.randn(d_out, r, **kw))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
+            self.lora_B = nn.Parameter(torch.zeros(d_out, r, **kw))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and layer_type != "embedding" else None
+
+    @classmethod
+    def num_params(cls, config: LoRA, base_layer: nn.Module, layer_type: str) -> int:
+        d_out, d_in = dims(base_layer, layer_type)
+        return config.r * (d_in + d_out)
+
+    def file_key(self, key: str) -> str:
+        if self.layer_type == "embedding":
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[key]
+        return key + ".weight"
+
+    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        y = base(x)
+        A, B = self.lora_A, self.lora_B
+        if self.layer_type == "embedding":
+            base_layer = self.base_layer
+            h = F.embedding(x, A.t(), base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
+                            base_layer.scale_grad_by_freq, base_layer.sparse)
+            return y + (h @ B.t()) * self.scaling
+        h = x if self.dropout is None else self.dropout(x)
+        if h.dtype != A.dtype:
+            h = h.to(A.dtype)
+        if self.layer_type == "conv2d":
+            h = self.base_layer._conv_forward(h, A, None)
+            return y + F.conv2d(h, B) * self.scaling
+        # one fused GEMM for "y + s·(x·Aᵀ)·Bᵀ"
+        h = F.linear(h, A)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype), B.t().to(y.dtype),
+                          alpha=self.scaling)
+        return out.view(y.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        if self.layer_type == "conv2d":
+            return torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A) * self.scaling
+        delta = (B @ A) * self.scaling  # (d_out, d_in)
+        return delta.t() if self.layer_type in ("conv1d", "embedding") else delta

@@ -1,0 +1,1 @@
+"""Reconstruction methods: φ re-weights or reshapes the subspaces W already has."""

