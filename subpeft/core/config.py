@@ -111,8 +111,11 @@ class AdapterConfig:
     # these two so that their adapters are written in (and read from) PEFT's format.
     peft_type: ClassVar[str | None] = None
 
-    def to_peft_dict(self) -> dict[str, Any] | None:
-        """The equivalent PEFT config dict, or None if PEFT has no identical method."""
+    def to_peft_dict(self, layer_types: set[str] | frozenset[str] = frozenset()) -> dict[str, Any] | None:
+        """The equivalent PEFT config dict, or None if PEFT has no identical method.
+
+        ``layer_types`` are the kinds of layer the adapter sits on (e.g. {"linear", "conv1d"}).
+        """
         return None
 
     @classmethod

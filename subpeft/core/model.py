@@ -317,7 +317,8 @@ class TunedModel(nn.Module):
 
         config = self.configs[adapter_name]
         meta = {"subpeft_method": config.method, "subpeft_version": __version__}
-        peft = config.to_peft_dict()
+        layer_types = {layer.layer_type for _, layer in self.adapted_layers() if adapter_name in layer.adapters}
+        peft = config.to_peft_dict(layer_types)
         if peft is not None:
             base = getattr(getattr(self.model, "config", None), "_name_or_path", None)
             peft.setdefault("base_model_name_or_path", base or None)

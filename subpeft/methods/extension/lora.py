@@ -46,7 +46,7 @@ class LoRA(AdapterConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     # -- Hugging Face PEFT's LoraConfig ------------------------------------------------------------
-    def to_peft_dict(self) -> dict[str, Any]:
+    def to_peft_dict(self, layer_types: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
         return {
             "peft_type": "LORA",
             "task_type": None,
@@ -58,7 +58,7 @@ class LoRA(AdapterConfig):
             "exclude_modules": self.exclude,
             "modules_to_save": self.modules_to_save,
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": "conv1d" in layer_types,  # PEFT's flag for GPT-2 style Conv1D
             "init_lora_weights": True,
             "inference_mode": True,
             "use_dora": False,

@@ -1,0 +1,93 @@
+"""LoRA adapters move between subpeft and Hugging Face PEFT, both ways, with identical outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import subpeft as sp
+
+from .test_core import tiny_bert
+from .tiny_models import MLP, ConvNet, EmbeddingModel, GPT2Style
+
+peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install -e '.[test]')")
+
+# (name, model factory, targets, input factory, extra config); ConvNet's dilated conv3 is left out
+# because PEFT's LoRA ignores the base conv's dilation (its lora_A is built without it).
+CASES = [
+    ("linear", MLP, ["fc1", "fc2"], lambda: torch.randn(4, 6), {}),
+    ("linear-rslora", MLP, ["fc1", "fc2"], lambda: torch.randn(4, 6), {"rslora": True, "r": 4}),
+    ("conv1d", GPT2Style, ["c_attn", "c_proj"], lambda: torch.randn(3, 4, 6), {}),
+    ("embedding", EmbeddingModel, ["emb", "proj"], lambda: torch.tensor([[1, 2, 0, 19], [5, 0, 7, 7]]), {}),
+    ("conv2d", ConvNet, ["conv1", "conv2"], lambda: torch.randn(2, 3, 8, 9), {}),
+]
+
+
+def _randomise(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+@pytest.mark.parametrize("name,build,targets,make_input,extra", CASES, ids=[c[0] for c in CASES])
+def test_subpeft_lora_loads_in_peft(name, build, targets, make_input, extra, tmp_path):
+    torch.manual_seed(0)
+    base = build().eval()
+    pristine = copy.deepcopy(base)
+    config = {"r": 3, "alpha": 6.0, "dropout": 0.1, **extra}
+    tuned = sp.attach(base, sp.LoRA(targets=targets, **config))
+    _randomise([p for _, a in tuned.adapters_of("default") for p in a.parameters()], seed=1)
+    tuned.eval()
+    x = make_input()
+    expected = tuned(x)
+    tuned.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(pristine, tmp_path).eval()
+    torch.testing.assert_close(theirs(x), expected, atol=1e-6, rtol=1e-5)
+    assert theirs.peft_config["default"].r == config["r"]
+
+
+@pytest.mark.parametrize("name,build,targets,make_input,extra", CASES, ids=[c[0] for c in CASES])
+def test_peft_lora_loads_in_subpeft(name, build, targets, make_input, extra, tmp_path):
+    torch.manual_seed(0)
+    base = build().eval()
+    pristine = copy.deepcopy(base)
+    r = extra.get("r", 3)
+    lcfg = peft.LoraConfig(r=r, lora_alpha=6, lora_dropout=0.1, target_modules=targets,
+                           use_rslora=extra.get("rslora", False))
+    theirs = peft.get_peft_model(base, lcfg)
+    _randomise([p for n, p in theirs.named_parameters() if "lora_" in n], seed=2)
+    theirs.eval()
+    x = make_input()
+    expected = theirs(x)
+    theirs.save_pretrained(tmp_path)
+    ours = sp.load(pristine, tmp_path)
+    torch.testing.assert_close(ours(x), expected, atol=1e-6, rtol=1e-5)
+    cfg = ours.configs["default"]
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.rslora) == (r, 6, 0.1, extra.get("rslora", False))
+
+
+def test_classifier_head_roundtrip_with_modules_to_save(tmp_path):
+    base = tiny_bert()
+    pristine = copy.deepcopy(base)
+    tuned = sp.attach(base, sp.LoRA(r=2, alpha=4, targets=["query", "value"], modules_to_save=["classifier"]))
+    params = [p for n, p in tuned.named_parameters() if p.requires_grad]
+    _randomise(params, seed=3)
+    ids = torch.randint(1, 50, (2, 6))
+    expected = tuned(input_ids=ids).logits
+    tuned.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = sp.load(copy.deepcopy(pristine), tmp_path / "theirs")
+    torch.testing.assert_close(back(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_peft_options_subpeft_lacks_are_refused(tmp_path):
+    base = MLP()
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["fc1"], bias="all"))
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(sp.AdapterLoadError, match="bias"):
+        sp.load(MLP(), tmp_path)
