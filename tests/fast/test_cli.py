@@ -1,0 +1,20 @@
+"""The `subpeft` command line's method listing."""
+
+import json
+
+from subpeft.cli import main
+
+
+def test_methods_table_lists_lora(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["method", "family", "kind", "mergeable"]
+    lora = next(line for line in out if line.startswith("lora "))
+    assert "extension" in lora and "r·(d_in + d_out)" in lora
+
+
+def test_methods_json(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["lora"]["mergeable"] is True and rows["lora"]["kind"] == "weight"
+    assert rows["lora"]["layer_types"] == ["linear", "conv1d", "embedding", "conv2d"]
