@@ -76,8 +76,11 @@ def test_training_changes_only_the_adapter(method, case):
         opt.step()
         tuned.step(step + 1)
     # base weights bit-identical, still frozen
-    for (name, p0), (_, p1) in zip(pristine.state_dict().items(), _base_state(tuned).items()):
-        assert torch.equal(p0, p1), f"base tensor {name} changed"
+    base_now = _base_state(tuned)
+    assert base_now.keys() == pristine.state_dict().keys()
+    for name, p0 in pristine.state_dict().items():
+        assert torch.equal(p0, base_now[name]), f"base tensor {name} changed"
+    assert not any(p.requires_grad for n, p in tuned.named_parameters() if ".adapters." not in n)
     after = tuned.adapter_state_dict("default")
     assert any(not torch.equal(before[k], after[k]) for k in before), "no adapter tensor moved"
 

@@ -6,8 +6,8 @@ distinct on purpose (d_in ≠ d_out) so that a transposed factor or a swapped si
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
