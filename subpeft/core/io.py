@@ -46,6 +46,7 @@ def write_adapter(
             fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=directory)
             os.close(fd)
             tmps.append(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; keep the usual permissions
             _fsync_write(tmp, data)
         os.replace(tmps[0], directory / WEIGHTS_NAME)
         os.replace(tmps[1], directory / CONFIG_NAME)
@@ -56,6 +57,12 @@ def write_adapter(
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(obj: Any) -> Any:

@@ -86,8 +86,7 @@ class Split:
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(
-                f"a split needs one label per text, got {len(self.texts)} texts and "
-                f"{len(self.labels)} labels"
+                f"a split needs one label per text, got {len(self.texts)} texts and {len(self.labels)} labels"
             )
 
     def __len__(self) -> int:
@@ -162,9 +161,7 @@ def _by_label(labels: Sequence[int]) -> dict[int, list[int]]:
     return groups
 
 
-def stratified_split(
-    labels: Sequence[int], fractions: Sequence[float], seed: int
-) -> list[list[int]]:
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[list[int]]:
     """Partition example indices into ``len(fractions)`` stratified parts.
 
     Every label's examples are shuffled with a generator derived from ``seed`` and the label,
@@ -214,9 +211,7 @@ def _cap_for(caps: Caps, split: str) -> int | None:
         return caps
     unknown = set(caps) - set(SPLITS)
     if unknown:
-        raise ValueError(
-            f"unknown split name(s) in max_per_split: {sorted(unknown)}; expected {list(SPLITS)}"
-        )
+        raise ValueError(f"unknown split name(s) in max_per_split: {sorted(unknown)}; expected {list(SPLITS)}")
     return caps.get(split)
 
 

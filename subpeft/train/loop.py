@@ -275,8 +275,13 @@ def train_classifier(
     try:
         while result.steps < total:
             batches = iter_batches(
-                tokenizer, texts, labels, batch_size=batch_size, shuffle=True,
-                seed=seed * 1_000_003 + epoch, encoded=enc,
+                tokenizer,
+                texts,
+                labels,
+                batch_size=batch_size,
+                shuffle=True,
+                seed=seed * 1_000_003 + epoch,
+                encoded=enc,
             )
             for batch in batches:
                 out = model(**_to(batch, device))
@@ -298,9 +303,7 @@ def train_classifier(
 
                 value = loss.detach().item()
                 if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"loss became {value} at step {result.steps}; try a lower lr (now {lr})"
-                    )
+                    raise FloatingPointError(f"loss became {value} at step {result.steps}; try a lower lr (now {lr})")
                 result.losses.append(value)
                 bar.update(1)
                 if result.steps % 10 == 0 or result.steps == total:

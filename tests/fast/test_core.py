@@ -284,6 +284,14 @@ def test_shape_mismatch_is_a_clear_error_and_changes_nothing(tmp_path):
     _assert_unchanged(other, snap)
 
 
+def test_saved_files_have_normal_permissions(tmp_path):
+    _trained_mlp(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in tmp_path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_missing_files_and_bad_config(tmp_path):
     with pytest.raises(sp.AdapterLoadError, match="not an adapter directory"):
         sp.load(MLP(), tmp_path)
