@@ -8,6 +8,10 @@ A weight-space method provides two views of the same transformation φ(W):
   ``{"weight": W + delta_weight()}``), used by merge, unmerge, export and analysis.
 
 The generic test matrix checks that both views agree for every registered method.
+
+Every ``nn.Parameter`` of an adapter is trained when the adapter is active; frozen tensors that
+belong to the adapter (SVD factors, random projections, schedule state) are buffers, saved with
+it unless registered with ``persistent=False``.
 """
 
 from __future__ import annotations

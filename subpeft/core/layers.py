@@ -73,7 +73,12 @@ def from_2d(module: nn.Module, kind: str, mat: torch.Tensor) -> torch.Tensor:
 
 
 def factory(module: nn.Module) -> dict:
-    """device/dtype for new adapter tensors of this layer: the base weight's, float32 if not float."""
+    """device/dtype for new adapter tensors of this layer.
+
+    The base weight's device; float32 when the base is half precision (float16/bfloat16) or not
+    floating point (quantised), as Hugging Face PEFT does: small trainable tensors keep full
+    precision, the forward casts at the boundary.
+    """
     w = module.weight
-    dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
     return {"device": w.device, "dtype": dtype}

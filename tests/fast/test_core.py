@@ -356,3 +356,22 @@ def test_load_into_tuned_model_adds_a_named_adapter(tmp_path):
     assert torch.equal(other(x), tuned(x))
     assert set(other.configs) == {"default", "loaded"}
     assert sp.TunedModel.from_pretrained(copy.deepcopy(pristine), tmp_path)(x).equal(tuned(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_float32_adapter(dtype):
+    torch.manual_seed(0)
+    base = MLP().to(dtype)
+    x = torch.randn(4, 6, dtype=dtype)
+    tuned = sp.attach(base, sp.LoRA(r=2, targets=["fc1", "fc2"]))
+    assert all(p.dtype == torch.float32 for p in tuned.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for _, a in tuned.adapters_of("default"):
+            a.lora_B.normal_(0, 0.1)
+    y = tuned(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in tuned.parameters() if p.requires_grad)
+    tuned.merge()
+    torch.testing.assert_close(tuned(x).float(), y.float(), atol=5e-2, rtol=5e-2)
+    assert tuned.model.fc1.base_layer.weight.dtype == dtype
