@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 
 import pytest
 import torch
@@ -90,4 +92,17 @@ def test_peft_options_subpeft_lacks_are_refused(tmp_path):
     theirs = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["fc1"], bias="all"))
     theirs.save_pretrained(tmp_path)
     with pytest.raises(sp.AdapterLoadError, match="bias"):
+        sp.load(MLP(), tmp_path)
+
+
+def test_unknown_peft_options_warn_and_bookkeeping_does_not(tmp_path):
+    theirs = peft.get_peft_model(MLP(), peft.LoraConfig(r=2, target_modules=["fc1"]))
+    theirs.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.load(MLP(), tmp_path)  # every field PEFT 0.21 writes is known
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["lora_future_trick"] = {"on": True}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="lora_future_trick"):
         sp.load(MLP(), tmp_path)

@@ -9,6 +9,7 @@ move between subpeft and ``peft`` in both directions.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,9 @@ class LoRA(AdapterConfig):
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ConfigError(f"this PEFT LoRA adapter uses options subpeft's LoRA does not have: {bad}")
+        unknown = sorted(k for k, v in data.items() if k not in _PEFT_KNOWN and k not in unsupported and v)
+        if unknown:
+            warnings.warn(f"LoRA: ignoring PEFT config options subpeft does not know: {unknown}", UserWarning, stacklevel=2)
         targets = data.get("target_modules")
         if isinstance(targets, (set, tuple)):
             targets = sorted(targets)
@@ -167,6 +171,17 @@ class _LoRALinear(torch.autograd.Function):
                 h = torch.mm(x.reshape(-1, x.shape[-1]), A.t())
             grad_B = torch.mm(h.t(), g).mul_(s).t()  # (hᵀ·g)ᵀ: 2-3x faster than gᵀ·h for these shapes
         return grad_x, grad_W, grad_b, grad_A, grad_B, None
+
+
+# LoraConfig fields that are read above, or that are bookkeeping / initialisation-only (they do not
+# change what a saved adapter computes). Any other field set in a PEFT config warns on load.
+_PEFT_KNOWN = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
+    "modules_to_save", "fan_in_fan_out", "init_lora_weights", "layers_pattern", "megatron_config",
+    "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+    "use_qalora", "ensure_weight_tying",
+})
 
 
 @register
