@@ -375,3 +375,20 @@ def test_half_precision_base_keeps_float32_adapter(dtype):
     tuned.merge()
     torch.testing.assert_close(tuned(x).float(), y.float(), atol=5e-2, rtol=5e-2)
     assert tuned.model.fc1.base_layer.weight.dtype == dtype
+
+
+def test_lora_dropout_acts_on_the_lora_input_only():
+    torch.manual_seed(0)
+    base = MLP()
+    pristine = copy.deepcopy(base)
+    x = torch.randn(64, 6)
+    tuned = sp.attach(base, sp.LoRA(r=2, dropout=0.5, targets=["fc1"]))
+    tuned.train()
+    # B = 0: whatever the dropout does to the LoRA input, the output is the base output
+    torch.testing.assert_close(tuned(x), pristine(x))
+    with torch.no_grad():
+        tuned.model.fc1.adapters["default"].lora_B.normal_()
+    a, b = tuned(x), tuned(x)
+    assert not torch.allclose(a, b), "training-mode dropout should make two forwards differ"
+    tuned.eval()
+    torch.testing.assert_close(tuned(x), tuned(x), atol=0, rtol=0)
