@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ConfigError
-
-TargetSpec = "list[str] | str | None"
 
 
 def _version() -> str:
@@ -125,9 +123,3 @@ class AdapterConfig:
     def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)
 
-
-def config_field(default: Any, help: str = "") -> Any:  # noqa: A002 - mirrors dataclasses.field
-    """A dataclass field with help text (shown by ``subpeft methods``)."""
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
