@@ -35,16 +35,45 @@ class Adapter(nn.Module):
     formula: ClassVar[str] = ""
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
-    def __init__(self, config: AdapterConfig, base_layer: nn.Module, layer_type: str) -> None:
+    def __init__(
+        self, config: AdapterConfig, base_layer: nn.Module, layer_type: str, *, name: str = "",
+        shared: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.layer_type = layer_type
-        # a plain reference, not a submodule: the base layer belongs to the model, not the adapter
+        self.layer_name = name  # the module's name in the model (e.g. "encoder.layer.0.attention.self.query")
+        # plain references, not submodules: the base layer belongs to the model, and the shared
+        # state (see create_shared) to the TunedModel, which registers and saves it once
         self.__dict__["_base_layer"] = base_layer
+        self.__dict__["_shared"] = shared
 
     @property
     def base_layer(self) -> nn.Module:
         return self.__dict__["_base_layer"]
+
+    @property
+    def shared(self) -> nn.Module | None:
+        """The state this adapter shares with the other layers of the same named adapter, if any."""
+        return self.__dict__["_shared"]
+
+    # -- which layers, and state shared between them ---------------------------------------------
+    @classmethod
+    def accepts(cls, config: AdapterConfig, module: nn.Module, layer_type: str) -> bool:
+        """Whether this method can adapt the module (e.g. BitFit: only modules with a bias). Targets
+        named explicitly that are not accepted raise; ``targets="all"`` skips them."""
+        return True
+
+    @classmethod
+    def create_shared(cls, config: AdapterConfig, layers: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
+        """State shared by all layers of one named adapter, created before the per-layer adapters.
+
+        ``layers`` are (module name, base layer, layer type) of every target. The returned module's
+        parameters train with the adapter and its state_dict is saved once (under
+        ``base_model.shared.``); each per-layer adapter sees it as ``self.shared``. Used for VeRA's
+        shared random projections and PiCa's per-role matrices. None (the default): no shared state.
+        """
+        return None
 
     # -- the two views of φ ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -70,10 +99,21 @@ class Adapter(nn.Module):
         """Trainable numbers this method adds to one layer (the METHODS.md formula)."""
         raise NotImplementedError
 
+    @classmethod
+    def model_num_params(cls, config: AdapterConfig, layers: list[tuple[str, nn.Module, str]]) -> int:
+        """Trainable numbers of one named adapter over all its layers (shared state counted once)."""
+        return sum(cls.num_params(config, layer, kind) for _, layer, kind in layers)
+
     # -- file format ---------------------------------------------------------------------------
     def file_key(self, key: str) -> str:
         """Name of a state_dict entry in the adapter file (after the module path)."""
         return key
+
+    def peft_compatible(self) -> bool:
+        """Whether Hugging Face PEFT computes exactly this adapter from the PEFT form of its config
+        (e.g. PEFT's (IA)³ also scales the bias, so (IA)³ on a layer with a bias is not). When any
+        layer says no, the adapter is written in subpeft's native format instead."""
+        return True
 
     # -- training-time hooks ---------------------------------------------------------------------
     def regularization(self) -> torch.Tensor | None:
@@ -93,3 +133,9 @@ class Adapter(nn.Module):
         """Called after each optimizer step with all layers of one named adapter (for global state)."""
         for a in adapters:
             a.step(global_step)
+
+    @classmethod
+    def model_finalize(cls, config: AdapterConfig, adapters: list[Adapter]) -> AdapterConfig | None:
+        """End of training (``tuned.finalize()``): e.g. Diff pruning keeps its top-k entries. Returns
+        the adapter's new config when its saved form changes (the default: nothing to do, None)."""
+        return None

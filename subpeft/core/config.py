@@ -37,6 +37,8 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # targets used when `targets=None` for every model (e.g. "all" norms); None: the model's default
+    default_targets: ClassVar[list[str] | str | None] = None
 
     targets: list[str] | str | None = None
     exclude: list[str] | str | None = None
@@ -119,6 +121,18 @@ class AdapterConfig:
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         raise ConfigError(f"{cls.__name__} cannot be read from a PEFT config")
+
+    @classmethod
+    def accepts_peft(cls, data: dict[str, Any]) -> bool:
+        """Whether this class reads a PEFT dict of its ``peft_type`` (when several classes share one)."""
+        return True
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether adapters of this config fold into the base weights (options can turn it off)."""
+        from .registry import method_for_config
+
+        return method_for_config(self).mergeable
 
     def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)

@@ -7,6 +7,12 @@ in PyTorch ``nn.Linear`` layout:
 - ``conv1d``    transformers' Conv1D (GPT-2 style), weight stored transposed, (d_in, d_out)
 - ``embedding`` nn.Embedding, weight (num_embeddings, dim): a lookup is one-hot · E, so W = Eᵀ
 - ``conv2d``    nn.Conv2d, weight (c_out, c_in, kh, kw): W = weight reshaped to (c_out, c_in·kh·kw)
+
+and one that is not a linear map but has trainable per-feature tensors:
+
+- ``norm``      nn.LayerNorm, nn.RMSNorm and the norms of Hugging Face models (classes named
+                ``*LayerNorm`` / ``*RMSNorm``), with an elementwise 1-D ``weight``;
+                (d_out, d_in) = (d, d) by convention. Only LayerNorm tuning and BitFit adapt them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LAYER_TYPES = ("linear", "conv1d", "embedding", "conv2d")
+LAYER_TYPES = ("linear", "conv1d", "embedding", "conv2d", "norm")
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -32,7 +38,17 @@ def layer_type(module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if is_norm(module):
+        return "norm"
     return None
+
+
+def is_norm(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    if not (isinstance(w, torch.Tensor) and w.dim() == 1):
+        return False
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or name.endswith(("LayerNorm", "RMSNorm"))
 
 
 def dims(module: nn.Module, kind: str) -> tuple[int, int]:
@@ -46,6 +62,8 @@ def dims(module: nn.Module, kind: str) -> tuple[int, int]:
         return w.shape[1], w.shape[0]
     if kind == "conv2d":
         return w.shape[0], w[0].numel()
+    if kind == "norm":
+        return w.shape[0], w.shape[0]
     raise ValueError(f"unknown layer type {kind!r}")
 
 

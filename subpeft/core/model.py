@@ -25,6 +25,7 @@ from .registry import config_from_dict, method_for_config
 from .targets import candidate_type, default_targets, find_modules_to_save, find_targets
 
 FILE_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model.shared."
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -42,6 +43,8 @@ class TunedModel(nn.Module):
         if isinstance(model, TunedModel):
             raise TypeError("model already has adapters: use tuned.add_adapter(name, config)")
         self.model = model
+        # state shared by all layers of one named adapter (Adapter.create_shared), saved once
+        self.shared = nn.ModuleDict()
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
         self._grad_backup = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -103,21 +106,33 @@ class TunedModel(nn.Module):
             raise AdapterNameError(f"adapter name must be an identifier without dots, got {adapter_name!r}")
         self._check_name(adapter_name, exists=False)
         info = method_for_config(config)
+        adapter_cls = info.adapter_cls
         if config.targets is None:
-            resolved = default_targets(self.model)
+            resolved = type(config).default_targets or default_targets(self.model)
             if resolved is not None:
                 config = config.replace(targets=resolved)
         self.configs[adapter_name] = config
         try:
             names = find_targets(
-                self.model, config.targets, config.exclude, method=info.name, supported=info.adapter_cls.layer_types
+                self.model, config.targets, config.exclude, method=info.name, supported=adapter_cls.layer_types,
+                accepts=lambda module, kind: adapter_cls.accepts(config, module, kind),
             )
+            layers = []
+            for name in names:
+                module = self.model.get_submodule(name)
+                base = module.base_layer if isinstance(module, AdaptedLayer) else module
+                layers.append((name, base, candidate_type(module)))
+            shared = adapter_cls.create_shared(config, layers)
+            if shared is not None:
+                self.shared[adapter_name] = shared
             for name in names:
                 module = self.model.get_submodule(name)
                 if not isinstance(module, AdaptedLayer):
                     module = AdaptedLayer(module, candidate_type(module))
                     _set_submodule(self.model, name, module)
-                module.adapters[adapter_name] = info.adapter_cls(config, module.base_layer, module.layer_type)
+                module.adapters[adapter_name] = adapter_cls(
+                    config, module.base_layer, module.layer_type, name=name, shared=shared
+                )
             for name in find_modules_to_save(self.model, config.modules_to_save or []):
                 module = self.model.get_submodule(name)
                 if not isinstance(module, TrainableCopy):
@@ -156,6 +171,8 @@ class TunedModel(nn.Module):
 
     def _remove(self, adapter_name: str) -> None:
         self.configs.pop(adapter_name, None)
+        if adapter_name in self.shared:
+            del self.shared[adapter_name]
         for name, layer in list(self.adapted_layers()):
             if adapter_name in layer.adapters:
                 del layer.adapters[adapter_name]
@@ -170,6 +187,8 @@ class TunedModel(nn.Module):
     def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         for _, adapter in self.adapters_of(adapter_name):
             yield from adapter.parameters()
+        if adapter_name in self.shared:
+            yield from self.shared[adapter_name].parameters()
         for _, wrapper in self._trainable_copies():
             if adapter_name in wrapper.copies:
                 yield from wrapper.copies[adapter_name].parameters()
@@ -207,6 +226,17 @@ class TunedModel(nn.Module):
             if adapters:
                 type(adapters[0]).model_step(adapters, int(global_step))
 
+    def finalize(self, adapter_name: str | None = None) -> None:
+        """End of training: methods that change form after training do so now (Diff pruning keeps
+        its top-k entries, stored sparse). Other methods are unchanged. The library's trainer calls it."""
+        for name in [adapter_name] if adapter_name is not None else list(self.active_adapters):
+            self._check_name(name, exists=True)
+            adapters = [a for _, a in self.adapters_of(name)]
+            if adapters:
+                new = type(adapters[0]).model_finalize(self.configs[name], adapters)
+                if new is not None:
+                    self.configs[name] = new
+
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -223,9 +253,12 @@ class TunedModel(nn.Module):
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         for n in names:
             self._check_name(n, exists=True)
-            info = method_for_config(self.configs[n])
-            if not info.mergeable:
-                raise SubpeftError(f"adapter {n!r} ({info.name}) cannot be merged into the base weights")
+            config = self.configs[n]
+            if not config.mergeable:
+                raise SubpeftError(
+                    f"adapter {n!r} ({config.method}) cannot be merged into the base weights"
+                    + "; it stays a separate computation at inference"
+                )
         return names
 
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
@@ -260,6 +293,8 @@ class TunedModel(nn.Module):
         for name, wrapper in list(self._trainable_copies()):
             _set_submodule(self.model, name, wrapper.current() if keep_copies else wrapper.original)
         self._restore_grad()
+        for n in list(self.shared):
+            del self.shared[n]
         self.configs.clear()
         self.active_adapters = []
         return self.model
@@ -306,6 +341,9 @@ class TunedModel(nn.Module):
         for layer_name, adapter in self.adapters_of(adapter_name):
             for key, value in adapter.state_dict().items():
                 out[f"{FILE_PREFIX}{layer_name}.{adapter.file_key(key)}"] = value
+        if adapter_name in self.shared:
+            for key, value in self.shared[adapter_name].state_dict().items():
+                out[f"{SHARED_PREFIX}{key}"] = value
         for name, wrapper in self._trainable_copies():
             if adapter_name in wrapper.copies:
                 for key, value in wrapper.copies[adapter_name].state_dict().items():
@@ -318,7 +356,8 @@ class TunedModel(nn.Module):
         config = self.configs[adapter_name]
         meta = {"subpeft_method": config.method, "subpeft_version": __version__}
         layer_types = {layer.layer_type for _, layer in self.adapted_layers() if adapter_name in layer.adapters}
-        peft = config.to_peft_dict(layer_types)
+        compatible = all(a.peft_compatible() for _, a in self.adapters_of(adapter_name))
+        peft = config.to_peft_dict(layer_types) if compatible else None
         if peft is not None:
             base = getattr(getattr(self.model, "config", None), "_name_or_path", None)
             peft.setdefault("base_model_name_or_path", base or None)

@@ -40,7 +40,7 @@ class MethodInfo:
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
-_PEFT_TYPES: dict[str, str] = {}
+_PEFT_TYPES: dict[str, list[str]] = {}
 _LOADED = False
 
 
@@ -71,7 +71,9 @@ def register(adapter_cls: type[Adapter]) -> type[Adapter]:
         layer_types=tuple(adapter_cls.layer_types),
     )
     if config_cls.peft_type:
-        _PEFT_TYPES[config_cls.peft_type] = name
+        names = _PEFT_TYPES.setdefault(config_cls.peft_type, [])
+        if name not in names:
+            names.append(name)
     return adapter_cls
 
 
@@ -127,5 +129,14 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
                 f"PEFT adapter type {peft_type!r} is not supported by subpeft; supported PEFT types: "
                 f"{', '.join(sorted(_PEFT_TYPES)) or 'none'}"
             )
-        return get_method(_PEFT_TYPES[peft_type]).config_cls.from_peft_dict(data)
+        # several subpeft methods can share one PEFT type (LoRA and DoRA; (IA)³ and SSL): the one
+        # whose config accepts this dict reads it
+        for name in sorted(_PEFT_TYPES[peft_type]):
+            config_cls = get_method(name).config_cls
+            if config_cls.accepts_peft(data):
+                return config_cls.from_peft_dict(data)
+        raise ConfigError(
+            f"this PEFT {peft_type} config uses a combination of options that no subpeft method reads "
+            f"(candidates: {', '.join(sorted(_PEFT_TYPES[peft_type]))})"
+        )
     raise ConfigError("a config dict needs a 'method' key naming a registered method (see sp.list_methods())")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -111,8 +111,14 @@ def find_targets(
     *,
     method: str,
     supported: tuple[str, ...],
+    accepts: Callable[[nn.Module, str], bool] | None = None,
 ) -> list[str]:
-    """Names of the modules to adapt, in model order. Raises on every ambiguity a user can fix."""
+    """Names of the modules to adapt, in model order. Raises on every ambiguity a user can fix.
+
+    ``targets="all"`` selects every module of a supported layer type that the method accepts
+    (e.g. every bias for BitFit, every norm for LayerNorm tuning).
+    """
+    accepts = accepts or (lambda module, kind: True)
     modules = dict(iter_candidates(model))
     names = list(modules)
     if targets is None:
@@ -125,6 +131,11 @@ def find_targets(
     if targets == "all-linear":
         heads = output_head_names(model, names, modules)
         chosen = {n for n in names if candidate_type(modules[n]) in ("linear", "conv1d") and n not in heads}
+    elif targets == "all":
+        chosen = {
+            n for n in names
+            if candidate_type(modules[n]) in supported and accepts(_unwrapped(modules[n]), candidate_type(modules[n]))
+        }
     else:
         chosen = _match(names, targets, "targets")
     if exclude is not None:
@@ -139,7 +150,18 @@ def find_targets(
                 f"{', '.join(supported)} layers (nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d "
                 f"as listed). Narrow targets= to layers of those types."
             )
+        if not accepts(_unwrapped(modules[n]), kind):
+            raise UnsupportedLayerError(
+                f"{method} cannot adapt module {n!r} ({type(_unwrapped(modules[n])).__name__}): it lacks what "
+                f"the method trains (e.g. a bias for BitFit). Exclude it or narrow targets=."
+            )
     return [n for n in names if n in chosen]
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    from .layer import AdaptedLayer
+
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
 def find_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:

@@ -86,6 +86,20 @@ class ConvNet(nn.Module):
         return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
 
 
+class NormNet(nn.Module):
+    """LayerNorm and RMSNorm between linears (for LayerNorm tuning and BitFit on norms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.ln = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8, eps=1e-6)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.rms(torch.relu(self.ln(self.fc(x)))))
+
+
 @dataclass
 class Case:
     name: str
@@ -109,5 +123,6 @@ CASES = [
          lambda: torch.randn(2, 5, 8)),
     Case("conv1d", "conv1d", GPT2Style, ["c_attn", "c_proj"], lambda: torch.randn(3, 4, 6)),
     Case("embedding", "embedding", EmbeddingModel, ["emb"], lambda: torch.tensor([[1, 2, 0, 19], [5, 0, 7, 7]])),
+    Case("norm", "norm", NormNet, ["ln", "rms"], lambda: torch.randn(3, 5, 6)),
     Case("conv2d", "conv2d", ConvNet, ["conv1", "conv2", "conv3"], lambda: torch.randn(2, 3, 8, 9)),
 ]

@@ -1,9 +1,18 @@
-"""LoRA: φ(W) = W + (α/r)·B·A, A (r, d_in), B (d_out, r).
+"""LoRA: φ(W) = W + (α/r)·B·A, A (r, d_in), B (d_out, r); and the low-rank mechanism its variants share.
 
 Init: A Kaiming-uniform (a = √5), B = 0 (for nn.Embedding, as in Hugging Face PEFT: A = 0,
 B ~ N(0, 1)); both give the identity at attach. Dropout acts on the LoRA input only.
 rsLoRA scales by α/√r. Files use Hugging Face PEFT's key names and config fields, so adapters
 move between subpeft and ``peft`` in both directions.
+
+:class:`LowRank` (config) and :class:`LowRankAdapter` (layer) are the one mechanism behind every
+LoRA-type method, ΔW = s·B·G·A: a variant overrides ``init_factors`` (extra tensors, other inits),
+``middle`` (G applied to the rank-r hidden ``h = A·x``: identity for LoRA, ``diag(e)`` for
+TriLoRA/AdaLoRA, a full r×r core for FLoRA) and ``middle_matrix`` (G as a matrix, for merging).
+MPC (matrix pattern constraints) is an option of every such config: ``mpc="o"``/``"d"`` add
+``mpc_weight·(‖A·Aᵀ − I‖²_F + ‖Bᵀ·B − I‖²_F)`` (resp. ``‖offdiag(Bᵀ·B)‖²_F``) per layer to
+``tuned.regularization()``; ``mpc="n"`` puts a ReLU between the factors, ΔW·x = s·B·h(G·A·x),
+which no longer merges (it is the parallel adapter).
 """
 
 from __future__ import annotations
@@ -20,34 +29,54 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError, UnsupportedLayerError
-from ...core.layers import dims, factory
+from ...core.layers import dims, factory, from_2d
 from ...core.registry import register
+
+MPC_MODES = (None, "o", "d", "n")
 
 
 @dataclass
-class LoRA(AdapterConfig):
-    """LoRA (Hu et al., 2021). ``sp.LoRA(r=8, alpha=16, dropout=0.0, targets=[...], rslora=False)``."""
-
-    method = "lora"
-    peft_type = "LORA"
+class LowRank(AdapterConfig):
+    """Options every LoRA-type method shares: rank, scale, dropout on the low-rank input, MPC."""
 
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
     rslora: bool = False
+    mpc: str | None = None
+    mpc_weight: float = 0.1
 
     def validate(self) -> None:
+        name = type(self).__name__
         self._check_positive_int("r")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"LoRA.alpha must be a positive number, got {self.alpha!r}")
+            raise ConfigError(f"{name}.alpha must be a positive number, got {self.alpha!r}")
         self._check_range("dropout", 0.0, 1.0)
+        if self.mpc not in MPC_MODES:
+            raise ConfigError(f"{name}.mpc must be one of None, 'o', 'd', 'n' (matrix pattern constraints), got {self.mpc!r}")
+        if isinstance(self.mpc_weight, bool) or not isinstance(self.mpc_weight, (int, float)) or self.mpc_weight < 0:
+            raise ConfigError(f"{name}.mpc_weight must be a number >= 0, got {self.mpc_weight!r}")
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    @property
+    def mergeable(self) -> bool:
+        return self.mpc != "n" and super().mergeable
+
+
+@dataclass
+class LoRA(LowRank):
+    """LoRA (Hu et al., 2021). ``sp.LoRA(r=8, alpha=16, dropout=0.0, targets=[...], rslora=False, mpc=None)``."""
+
+    method = "lora"
+    peft_type = "LORA"
+
     # -- Hugging Face PEFT's LoraConfig ------------------------------------------------------------
-    def to_peft_dict(self, layer_types: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    def to_peft_dict(self, layer_types: set[str] | frozenset[str] = frozenset()) -> dict[str, Any] | None:
+        if self.mpc is not None:
+            return None  # PEFT has no matrix pattern constraints
         return {
             "peft_type": "LORA",
             "task_type": None,
@@ -70,10 +99,19 @@ class LoRA(AdapterConfig):
         }
 
     @classmethod
+    def accepts_peft(cls, data: dict[str, Any]) -> bool:
+        return not data.get("use_dora")  # DoRA reads those
+
+    @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> LoRA:
+        return cls(**cls._peft_fields(data))
+
+    @classmethod
+    def _peft_fields(cls, data: dict[str, Any], allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+        """subpeft fields from a PEFT LoraConfig dict; options subpeft lacks are refused by name."""
         unsupported = {
             "bias": (data.get("bias", "none") or "none") != "none",
-            "use_dora": bool(data.get("use_dora")),
+            "use_dora": bool(data.get("use_dora")) and "use_dora" not in allowed,
             "rank_pattern": bool(data.get("rank_pattern")),
             "alpha_pattern": bool(data.get("alpha_pattern")),
             "layers_to_transform": data.get("layers_to_transform") is not None,
@@ -91,7 +129,7 @@ class LoRA(AdapterConfig):
         targets = data.get("target_modules")
         if isinstance(targets, (set, tuple)):
             targets = sorted(targets)
-        return cls(
+        return dict(
             r=int(data.get("r", 8)),
             alpha=data.get("lora_alpha", 8),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
@@ -180,52 +218,77 @@ _PEFT_KNOWN = frozenset({
     "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
     "modules_to_save", "fan_in_fan_out", "init_lora_weights", "layers_pattern", "megatron_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "use_qalora", "ensure_weight_tying",
+    "use_qalora", "ensure_weight_tying", "use_dora",
 })
 
 
-@register
-class LoRAAdapter(Adapter):
-    config_cls = LoRA
-    family = "extension"
-    formula = "r·(d_in + d_out)"
-    layer_types = ("linear", "conv1d", "embedding", "conv2d")
+class LowRankAdapter(Adapter):
+    """ΔW = s·B·G·A on Linear / Conv1D / Embedding / Conv2d; see the module docstring.
 
-    def __init__(self, config: LoRA, base_layer: nn.Module, layer_type: str) -> None:
-        super().__init__(config, base_layer, layer_type)
-        r = config.r
-        kw = factory(base_layer)
-        d_out, d_in = dims(base_layer, layer_type)
+    Subclasses (LoRA-type methods) override :meth:`init_factors`, :meth:`middle`,
+    :meth:`middle_matrix` and ``num_params``. ``lora_A`` is (r, d_in) (for Conv2d (r, c_in, kh, kw),
+    applied with the base kernel's stride/padding/dilation), ``lora_B`` is (d_out, r) (for Conv2d a
+    1×1 kernel). The plain-LoRA case on nn.Linear takes one fused autograd node.
+    """
+
+    config_cls = LowRank
+    layer_types = ("linear", "conv1d", "embedding", "conv2d")
+    has_middle = False  # whether middle() is not the identity (then the fused LoRA path is not used)
+
+    def __init__(self, config: LowRank, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
+        super().__init__(config, base_layer, layer_type, **kwargs)
+        if layer_type == "conv2d" and base_layer.groups != 1:
+            raise UnsupportedLayerError(
+                f"{config.method} supports nn.Conv2d with groups=1 only, got groups={base_layer.groups}"
+            )
         self.scaling = config.scaling
-        if layer_type == "conv2d":
-            if base_layer.groups != 1:
-                raise UnsupportedLayerError(f"LoRA supports nn.Conv2d with groups=1 only, got groups={base_layer.groups}")
-            w = base_layer.weight
+        self.r = config.r
+        self.nonlinear = config.mpc == "n"
+        self.init_factors(config, factory(base_layer), *dims(base_layer, layer_type))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and layer_type != "embedding" else None
+
+    # -- what variants override ------------------------------------------------------------------
+    def init_factors(self, config: LowRank, kw: dict, d_out: int, d_in: int) -> None:
+        """Create lora_A (r, d_in) and lora_B (d_out, r) (and any middle tensors). LoRA's init."""
+        r, w = config.r, self.base_layer.weight
+        if self.layer_type == "conv2d":
             self.lora_A = nn.Parameter(torch.empty(r, *w.shape[1:], **kw))
             self.lora_B = nn.Parameter(torch.zeros(d_out, r, 1, 1, **kw))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        elif layer_type == "embedding":
+        elif self.layer_type == "embedding":
             self.lora_A = nn.Parameter(torch.zeros(r, d_in, **kw))
             self.lora_B = nn.Parameter(torch.randn(d_out, r, **kw))
         else:
             self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
             self.lora_B = nn.Parameter(torch.zeros(d_out, r, **kw))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and layer_type != "embedding" else None
 
-    @classmethod
-    def num_params(cls, config: LoRA, base_layer: nn.Module, layer_type: str) -> int:
-        d_out, d_in = dims(base_layer, layer_type)
-        return config.r * (d_in + d_out)
+    def middle(self, h: torch.Tensor) -> torch.Tensor:
+        """G applied to the rank dimension (the last) of the hidden ``h = A·x``."""
+        return h
 
-    def file_key(self, key: str) -> str:
-        if self.layer_type == "embedding":
-            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[key]
-        return key + ".weight"
+    def middle_matrix(self) -> torch.Tensor | None:
+        """G as an (r, r) matrix, or None for the identity."""
+        return None
+
+    # -- the two views ---------------------------------------------------------------------------
+    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """middle, then MPC_n's ReLU, on the rank dimension of h (dim 1 for Conv2d)."""
+        if not (self.has_middle or self.nonlinear):
+            return h
+        if self.layer_type == "conv2d":
+            h = h.movedim(1, -1)
+        h = self.middle(h)
+        if self.nonlinear:
+            h = torch.relu(h)
+        return h.movedim(-1, 1) if self.layer_type == "conv2d" else h
 
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
         A, B = self.lora_A, self.lora_B
-        if self.layer_type == "linear" and (self.dropout is None or not self.dropout.training) and base is self.base_layer:
+        if (
+            self.layer_type == "linear" and not self.has_middle and not self.nonlinear
+            and (self.dropout is None or not self.dropout.training) and base is self.base_layer
+        ):
             W = base.weight
             if (
                 type(base).forward is nn.Linear.forward
@@ -238,27 +301,70 @@ class LoRAAdapter(Adapter):
                 # LoRA term into the base output in place and, in backward, its input gradient into the
                 # base input gradient in place: no extra activation-sized tensors, no extra adds
                 return _LoRALinear.apply(x, W, base.bias, A, B, self.scaling)
-        y = base(x)
+        return self.add_delta(base(x), x)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + ΔW·x`` (the low-rank path, with dropout on its input)."""
+        A, B = self.lora_A, self.lora_B
         if self.layer_type == "embedding":
             base_layer = self.base_layer
             h = F.embedding(x, A.t(), base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
                             base_layer.scale_grad_by_freq, base_layer.sparse)
-            return y + (h @ B.t()) * self.scaling
+            return y + (self._hidden(h) @ B.t()) * self.scaling
         h = x if self.dropout is None else self.dropout(x)
         if h.dtype != A.dtype:
             h = h.to(A.dtype)
         if self.layer_type == "conv2d":
-            h = self.base_layer._conv_forward(h, A, None)
+            h = self._hidden(self.base_layer._conv_forward(h, A, None))
             return y + F.conv2d(h, B) * self.scaling
-        # one fused GEMM for "y + s·(x·Aᵀ)·Bᵀ"
-        h = F.linear(h, A)
+        h = self._hidden(F.linear(h, A))
+        # one fused GEMM for "y + s·h·Bᵀ"
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype), B.t().to(y.dtype),
                           alpha=self.scaling)
         return out.view(y.shape)
 
+    def delta_2d(self) -> torch.Tensor:
+        """ΔW as a (d_out, d_in) matrix."""
+        if self.nonlinear:
+            raise TypeError(f"{self.config.method} with mpc='n' has no weight delta (a ReLU sits between the factors)")
+        A, B = self.lora_A.reshape(self.lora_A.shape[0], -1), self.lora_B.reshape(self.lora_B.shape[0], -1)
+        G = self.middle_matrix()
+        if G is not None:
+            A = G @ A
+        return (B @ A) * self.scaling
+
     def delta_weight(self) -> torch.Tensor:
-        A, B = self.lora_A, self.lora_B
-        if self.layer_type == "conv2d":
-            return torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A) * self.scaling
-        delta = (B @ A) * self.scaling  # (d_out, d_in)
-        return delta.t() if self.layer_type in ("conv1d", "embedding") else delta
+        return from_2d(self.base_layer, self.layer_type, self.delta_2d())
+
+    # -- MPC ------------------------------------------------------------------------------------
+    def factors_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A as (r, d_in), B as (d_out, r)): the factors MPC constrains."""
+        return self.lora_A.reshape(self.lora_A.shape[0], -1), self.lora_B.reshape(self.lora_B.shape[0], -1)
+
+    def regularization(self) -> torch.Tensor | None:
+        mode = self.config.mpc
+        if mode not in ("o", "d"):
+            return None
+        A, B = self.factors_2d()
+        eye = torch.eye(A.shape[0], device=A.device, dtype=A.dtype)
+        term = (A @ A.t() - eye).pow(2).sum()
+        btb = B.t() @ B
+        term = term + ((btb - eye).pow(2).sum() if mode == "o" else (btb - torch.diag(torch.diagonal(btb))).pow(2).sum())
+        return self.config.mpc_weight * term
+
+    @classmethod
+    def num_params(cls, config: LowRank, base_layer: nn.Module, layer_type: str) -> int:
+        d_out, d_in = dims(base_layer, layer_type)
+        return config.r * (d_in + d_out)
+
+
+@register
+class LoRAAdapter(LowRankAdapter):
+    config_cls = LoRA
+    family = "extension"
+    formula = "r·(d_in + d_out)"
+
+    def file_key(self, key: str) -> str:
+        if self.layer_type == "embedding":
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[key]
+        return key + ".weight"
