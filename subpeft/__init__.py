@@ -42,3 +42,12 @@ __all__ = [
     "load",
     "register",
 ]
+
+
+def __getattr__(name: str):
+    # config classes of registered methods by class name (sp.IA3, sp.DoRA, ...), so that a method's
+    # one file is all it takes; the common ones are also imported above
+    for info in list_methods():
+        if info.config_cls.__name__ == name:
+            return info.config_cls
+    raise AttributeError(f"module 'subpeft' has no attribute {name!r}")

@@ -32,7 +32,8 @@ class Adapter(nn.Module):
     family: ClassVar[str] = "extension"
     kind: ClassVar[str] = "weight"
     mergeable: ClassVar[bool] = True
-    formula: ClassVar[str] = ""
+    formula: ClassVar[str] = ""  # trainable numbers per adapted layer, e.g. "r·(d_in + d_out)"
+    trains: ClassVar[str] = ""  # what trains, in a few words, e.g. "low-rank factors A, B"
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
     def __init__(

@@ -27,6 +27,7 @@ class MethodInfo:
     adapter_cls: type
     formula: str  # per-layer trainable-parameter formula, for docs and `subpeft methods`
     layer_types: tuple[str, ...]
+    trains: str = ""  # what trains, in a few words
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -35,6 +36,7 @@ class MethodInfo:
             "mergeable": self.mergeable,
             "kind": self.kind,
             "formula": self.formula,
+            "trains": self.trains,
             "layer_types": list(self.layer_types),
         }
 
@@ -69,6 +71,7 @@ def register(adapter_cls: type[Adapter]) -> type[Adapter]:
         adapter_cls=adapter_cls,
         formula=adapter_cls.formula,
         layer_types=tuple(adapter_cls.layer_types),
+        trains=adapter_cls.trains,
     )
     if config_cls.peft_type:
         names = _PEFT_TYPES.setdefault(config_cls.peft_type, [])

@@ -363,6 +363,7 @@ class LoRAAdapter(LowRankAdapter):
     config_cls = LoRA
     family = "extension"
     formula = "r·(d_in + d_out)"
+    trains = "low-rank factors A, B"
 
     def file_key(self, key: str) -> str:
         if self.layer_type == "embedding":
