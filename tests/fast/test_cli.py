@@ -18,3 +18,17 @@ def test_methods_json(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["lora"]["mergeable"] is True and rows["lora"]["kind"] == "weight"
     assert rows["lora"]["layer_types"] == ["linear", "conv1d", "embedding", "conv2d"]
+
+
+def test_readme_method_table_matches_the_registry():
+    """The README lists every registered method as the registry describes it (regenerate with
+    `subpeft methods --markdown`)."""
+    from pathlib import Path
+
+    from subpeft.cli import methods_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- methods-table:begin -->\n", "\n<!-- methods-table:end -->"
+    assert begin in readme and end in readme, "README.md lost its generated method table markers"
+    table = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert table == methods_markdown(), "README method table is stale: paste `subpeft methods --markdown`"
