@@ -392,3 +392,45 @@ def test_lora_dropout_acts_on_the_lora_input_only():
     assert not torch.allclose(a, b), "training-mode dropout should make two forwards differ"
     tuned.eval()
     torch.testing.assert_close(tuned(x), tuned(x), atol=0, rtol=0)
+
+
+def test_norm_layer_type_covers_torch_and_hf_norms():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from subpeft.core.layers import layer_type
+
+    assert layer_type(torch.nn.LayerNorm(4)) == "norm"
+    assert layer_type(torch.nn.RMSNorm(4)) == "norm"
+    assert layer_type(LlamaRMSNorm(4)) == "norm"
+    assert layer_type(torch.nn.LayerNorm(4, elementwise_affine=False)) is None  # nothing to train
+    assert layer_type(torch.nn.BatchNorm1d(4)) is None
+
+
+def test_targets_all_uses_the_methods_accepts_filter():
+    from subpeft.core.errors import UnsupportedLayerError
+    from subpeft.core.targets import find_targets
+
+    model = MLP()  # fc1, fc2 with bias; head without
+    has_bias = lambda module, kind: getattr(module, "bias", None) is not None  # noqa: E731
+    assert find_targets(model, "all", None, method="m", supported=("linear",), accepts=has_bias) == ["fc1", "fc2"]
+    assert find_targets(model, "all", None, method="m", supported=("linear",)) == ["fc1", "fc2", "head"]
+    with pytest.raises(UnsupportedLayerError, match="head"):
+        find_targets(model, ["head"], None, method="m", supported=("linear",), accepts=has_bias)
+
+
+def test_peft_dict_no_method_reads_is_a_clear_error():
+    with pytest.raises(sp.ConfigError, match="not supported by subpeft"):
+        sp.config_from_dict({"peft_type": "NO_SUCH_TYPE"})
+
+
+def test_finalize_is_a_noop_for_methods_without_an_end_of_training_form():
+    torch.manual_seed(0)
+    tuned = sp.attach(MLP(), sp.LoRA(r=2, targets=["fc1"]))
+    before = {k: v.clone() for k, v in tuned.adapter_state_dict("default").items()}
+    config = tuned.configs["default"]
+    tuned.finalize()
+    assert tuned.configs["default"] is config
+    after = tuned.adapter_state_dict("default")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(sp.AdapterNameError):
+        tuned.finalize("nope")
