@@ -228,9 +228,12 @@ class TunedModel(nn.Module):
 
     def finalize(self, adapter_name: str | None = None) -> None:
         """End of training: methods that change form after training do so now (Diff pruning keeps
-        its top-k entries, stored sparse). Other methods are unchanged. The library's trainer calls it."""
+        its top-k entries, stored sparse). Other methods are unchanged. The library's training loop
+        (``subpeft.train.loop.train_classifier``) calls it when training ends."""
         for name in [adapter_name] if adapter_name is not None else list(self.active_adapters):
             self._check_name(name, exists=True)
+            if name in self.merged_adapters:
+                raise SubpeftError(f"adapter {name!r} is merged: call unmerge() before finalize()")
             adapters = [a for _, a in self.adapters_of(name)]
             if adapters:
                 new = type(adapters[0]).model_finalize(self.configs[name], adapters)

@@ -225,6 +225,7 @@ def train_classifier(
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
+    finalize: bool = True,
 ) -> TrainResult:
     """Fine-tune a sequence classifier (plain model or ``TunedModel``) with AdamW.
 
@@ -236,7 +237,9 @@ def train_classifier(
     global RNG (dropout). The model is left in eval mode.
 
     Library hooks: ``model.regularization()`` is added to each step's loss and
-    ``model.step(global_step)`` is called after each optimizer step, when the model has them.
+    ``model.step(global_step)`` is called after each optimizer step, when the model has them;
+    with ``finalize=True``, ``model.finalize()`` runs once training has finished (e.g. Diff
+    pruning then keeps its top-k entries).
     """
     if len(texts) != len(labels):
         raise ValueError(f"got {len(texts)} texts but {len(labels)} labels")
@@ -315,6 +318,9 @@ def train_classifier(
     finally:
         bar.close()
         model.eval()
+    finalize_hook = _hook(model, "finalize")
+    if finalize and finalize_hook is not None:
+        finalize_hook()
     result.seconds = time.perf_counter() - start
     result.epochs = result.steps / steps_per_epoch
     return result

@@ -1,0 +1,150 @@
+"""LoRA-Dash: plain LoRA for t optimizer steps, then LoRA plus tuned task-specific directions of W.
+
+Phase 1 (pre-launch, ``prelaunch_steps`` = t optimizer steps): φ(W) = W + (α/r)·B·A. Then, once, in
+``tuned.step(global_step)`` after the t-th optimizer step (``global_step`` = optimizer steps done,
+as in HF ``TrainerState``; never by counting forwards), under no_grad: with the frozen
+W = U·diag(σ)·Vh, rank every direction by its change rate δ_i = |u_iᵀ·ΔW·v_i| / (σ_i + ε),
+ΔW = (α/r)·B·A, computed as (α/r)·|(u_iᵀ·B)·(A·v_i)| (O(r·(d_in + d_out)) per direction, ΔW never
+formed), and keep the top s (the task-specific directions). Phase 2 (dash):
+φ(W) = W + (α/r)·B·A + U_s·diag(Δσ)·Vh_s, with A, B and Δσ ∈ ℝ^s training; the dash term has no α/r
+and reads the same dropped-out input as the LoRA term.
+
+Δσ is a parameter from attach time (zeros), so an optimizer built before training sees it; before the
+switch it takes no part in the forward (no gradient). U_s, Vh_s, the chosen indices and the phase
+are persistent buffers, also from attach time (zeros, -1 and 0 until the switch): a reloaded
+adapter neither re-runs phase 1 nor re-selects. Native file format (PEFT has no LoRA-Dash).
+
+Where the SVD happens: at the switch, not at attach. W is frozen, so both give the same factors
+(one float32 SVD service, canonical signs), and every trainable tensor and saved buffer still exists
+from attach time; keeping the full U, σ, Vh per layer through the pre-launch instead would hold
+min(d_out, d_in)·(d_out + d_in + 1) extra floats per layer (2× the layer's float32 weight when
+square, 4× a bf16 one) for t steps, and save nothing the method uses. The step hook must not run
+while this adapter is merged into W (the switch reads W from the base layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.errors import ConfigError
+from ...core.layers import dims, weight_2d
+from ...core.registry import register
+from ...core.svd import svd
+from ..extension.lora import LowRank, LowRankAdapter
+
+
+@dataclass
+class LoRADash(LowRank):
+    """LoRA-Dash (Si et al., 2024). ``sp.LoRADash(r=8, alpha=8, prelaunch_steps=100, directions=8)``.
+
+    The switch needs ``tuned.step(global_step)`` after every optimizer step (the library's trainer
+    and its HF callback call it); a loop that never calls it trains plain LoRA.
+    """
+
+    method = "lora_dash"
+
+    prelaunch_steps: int = 100  # t: optimizer steps of plain LoRA before the directions are chosen
+    directions: int = 8  # s: task-specific directions tuned in phase 2 (at most min(d_out, d_in))
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_positive_int("prelaunch_steps")
+        self._check_positive_int("directions")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ConfigError(f"LoRADash.eps must be a positive number (1e-8 by default), got {self.eps!r}")
+        if self.mpc == "n":
+            raise ConfigError("LoRADash ranks directions by ΔW = s·B·A, which mpc='n' (a ReLU between the factors) "
+                              "does not have: use mpc=None, 'o' or 'd'")
+
+
+@register
+class LoRADashAdapter(LowRankAdapter):
+    config_cls = LoRADash
+    family = "combination"
+    formula = "r·(d_in + d_out) + s"
+    trains = "low-rank factors A, B; then Δσ on s chosen singular directions"
+
+    def init_factors(self, config: LoRADash, kw: dict, d_out: int, d_in: int) -> None:
+        super().init_factors(config, kw, d_out, d_in)
+        k = min(config.directions, d_out, d_in)
+        self.dash_sigma = nn.Parameter(torch.zeros(k, **kw))  # Δσ
+        self.register_buffer("dash_U", torch.zeros(d_out, k, **kw))  # U_s
+        self.register_buffer("dash_Vh", torch.zeros(k, d_in, **kw))  # Vh_s
+        self.register_buffer("dash_index", torch.full((k,), -1, dtype=torch.long, device=kw["device"]))
+        self.register_buffer("dash_phase", torch.zeros((), dtype=torch.long, device=kw["device"]))
+        self.__dict__["_phase_seen"] = None
+
+    def dashing(self) -> bool:
+        """Whether phase 2 is on. Read from the buffer only when it changed (switch, load, move),
+        so that a forward on an accelerator does not wait for the device."""
+        buf = self.dash_phase
+        try:
+            version = buf._version
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            return bool(buf)
+        seen = self.__dict__["_phase_seen"]
+        if seen is None or seen[0] is not buf or seen[1] != version:
+            seen = self.__dict__["_phase_seen"] = (buf, version, bool(buf))
+        return seen[2]
+
+    # -- the phase switch --------------------------------------------------------------------------
+    def step(self, global_step: int) -> None:
+        if global_step >= self.config.prelaunch_steps and not self.dashing():
+            self.select_directions()
+
+    @torch.no_grad()
+    def select_directions(self) -> None:
+        """Choose the top-s directions of W by change rate δ_i and enter phase 2."""
+        U, S, Vh = svd(weight_2d(self.base_layer, self.layer_type))
+        A, B = self.factors_2d()
+        ub = U.t() @ B.to(U.dtype)  # (m, r): u_iᵀ·B
+        av = A.to(U.dtype) @ Vh.t()  # (r, m): A·v_i
+        rate = (ub * av.t()).sum(1).abs() * self.scaling / (S + self.config.eps)
+        index = torch.topk(rate, self.dash_index.numel()).indices
+        self.dash_U.copy_(U[:, index])
+        self.dash_Vh.copy_(Vh[index])
+        self.dash_index.copy_(index)
+        self.dash_phase.fill_(1)
+
+    # -- the two views -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        if not self.dashing():
+            return super().forward(x, base)  # plain LoRA (its fused path included)
+        return self.add_delta(base(x), x)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.dashing():
+            return super().add_delta(y, x)
+        U = self.dash_U * self.dash_sigma  # U_s·diag(Δσ), (d_out, s)
+        if self.layer_type == "embedding":  # a lookup: no dropout, as LoRA
+            return super().add_delta(y, x) + (F.embedding(x, self.dash_Vh.t()) @ U.t()).to(y.dtype)
+        A, B = self.lora_A, self.lora_B
+        h = x if self.dropout is None else self.dropout(x)  # one dropped input for both terms
+        if h.dtype != A.dtype:
+            h = h.to(A.dtype)
+        # LoRA and dash as one rank-(r + s) path: [A; Vh_s] in, [(α/r)·B, U_s·diag(Δσ)] out
+        if self.layer_type == "conv2d":
+            inner = torch.cat([A, self.dash_Vh.view(-1, *A.shape[1:])])
+            hid = self.base_layer._conv_forward(h, inner, None)
+            outer = torch.cat([B * self.scaling, U[:, :, None, None]], dim=1)
+            return y + F.conv2d(hid, outer).to(y.dtype)
+        hid = F.linear(h, torch.cat([A, self.dash_Vh]))
+        outer = torch.cat([B * self.scaling, U], dim=1).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), hid.reshape(-1, hid.shape[-1]).to(y.dtype), outer.t())
+        return out.view(y.shape)
+
+    def delta_2d(self) -> torch.Tensor:
+        delta = super().delta_2d()
+        if self.dashing():
+            delta = delta + (self.dash_U * self.dash_sigma) @ self.dash_Vh
+        return delta
+
+    @classmethod
+    def num_params(cls, config: LoRADash, base_layer: nn.Module, layer_type: str) -> int:
+        d_out, d_in = dims(base_layer, layer_type)
+        return config.r * (d_in + d_out) + min(config.directions, d_out, d_in)
