@@ -255,7 +255,7 @@ class LowRankAdapter(Adapter):
             self.lora_A = nn.Parameter(torch.empty(r, *w.shape[1:], **kw))
             self.lora_B = nn.Parameter(torch.zeros(d_out, r, 1, 1, **kw))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        elif self.layer_type == "embedding":
+        elif self.layer_type == "embedding" and not self.nonlinear:  # (mpc="n": A = 0 would never train)
             self.lora_A = nn.Parameter(torch.zeros(r, d_in, **kw))
             self.lora_B = nn.Parameter(torch.randn(d_out, r, **kw))
         else:
@@ -277,7 +277,8 @@ class LowRankAdapter(Adapter):
         if not (self.has_middle or self.nonlinear):
             return h
         if self.layer_type == "conv2d":
-            h = h.movedim(1, -1)
+            # contiguous: on a strided view matmul kernels can differ in the last bit with requires_grad
+            h = h.movedim(1, -1).contiguous()
         h = self.middle(h)
         if self.nonlinear:
             h = torch.relu(h)
