@@ -1,0 +1,104 @@
+"""LayerNorm tuning (Zhao et al., 2024): train only the norms' weights (and biases): w' = w + Δw, b' = b + Δb.
+
+Δw (and Δb where the norm has a bias) start at 0; 2·d trainable numbers per norm with a bias, d
+without. Mergeable: merging writes w + Δw (and b + Δb). Layers: ``norm`` only (nn.LayerNorm,
+nn.RMSNorm and Hugging Face ``*LayerNorm`` / ``*RMSNorm`` classes); ``targets=None`` (the default)
+means every norm of the model.
+
+Forward: the base norm evaluated with substituted parameters, f_{w+Δw, b+Δb}(x)
+(``torch.func.functional_call``; a direct ``F.layer_norm`` / ``F.rms_norm`` for plain torch norms),
+so it is exact for any norm class whatever its formula (Llama's RMSNorm, Gemma's x̂·(1 + w), ...).
+Stacked on other adapters of the same norm (``base`` a chain, e.g. BitFit's Δb below), it adds its
+own change instead: ``base(x) + f_{w+Δw, b+Δb}(x) − f_{w, b}(x)``. Every norm is affine in its weight
+and bias (y = x̂ ⊙ (a + w) + b), so that equals the merged stack exactly, in any order.
+
+Hugging Face PEFT's LN_TUNING trains a full copy of each norm (files hold w' and b', not Δ), so
+files are subpeft's format (``weight_delta``, ``bias_delta``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.adapter import Adapter
+from ...core.config import AdapterConfig
+from ...core.layers import factory
+from ...core.registry import register
+
+
+@dataclass
+class LayerNormTuning(AdapterConfig):
+    """LayerNorm tuning. ``sp.LayerNormTuning()`` tunes every norm; ``targets=[...]`` chosen ones."""
+
+    method = "layernorm"
+    default_targets: ClassVar[list[str] | str | None] = "all"
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """A torch norm whose forward is the functional call it wraps, without hooks that would see it."""
+    return (type(module).forward is cls.forward and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+@register
+class LayerNormTuningAdapter(Adapter):
+    config_cls = LayerNormTuning
+    family = "reconstruction"
+    formula = "2·d (d for a norm without bias)"
+    trains = "norm weights and biases (Δw, Δb)"
+    layer_types = ("norm",)
+
+    def __init__(self, config: LayerNormTuning, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
+        super().__init__(config, base_layer, layer_type, **kwargs)
+        kw = factory(base_layer)
+        self.weight_delta = nn.Parameter(torch.zeros(base_layer.weight.shape, **kw))
+        bias = getattr(base_layer, "bias", None)
+        self.bias_delta = nn.Parameter(torch.zeros(bias.shape, **kw)) if isinstance(bias, torch.Tensor) else None
+
+    def _params(self, sign: float = 1.0) -> dict[str, torch.Tensor]:
+        """The norm's tensors with the deltas added (sign=-1: subtracted), in their dtypes."""
+        w = self.base_layer.weight
+        out = {"weight": w + sign * self.weight_delta.to(w.dtype)}
+        if self.bias_delta is not None:
+            b = self.base_layer.bias
+            out["bias"] = b + sign * self.bias_delta.to(b.dtype)
+        return out
+
+    def _norm(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The base norm evaluated with these parameters."""
+        m = self.base_layer
+        if isinstance(m, nn.LayerNorm) and _plain(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, params["weight"], params.get("bias"), m.eps)
+        rms = getattr(nn, "RMSNorm", None)
+        if rms is not None and isinstance(m, rms) and _plain(m, rms):
+            return F.rms_norm(x, m.normalized_shape, params["weight"], m.eps)
+        return torch.func.functional_call(m, params, (x,))
+
+    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        tuned = self._norm(x, self._params())
+        if base is self.base_layer:
+            return tuned
+        # other adapters below on this norm: add only this adapter's change (exact: norms are affine
+        # in their weight and bias)
+        params = {"weight": self.base_layer.weight}
+        if self.bias_delta is not None:
+            params["bias"] = self.base_layer.bias
+        return base(x) + (tuned - self._norm(x, params))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.weight_delta
+
+    def merged_params(self) -> dict[str, torch.Tensor]:
+        return self._params()
+
+    def unmerged_params(self) -> dict[str, torch.Tensor]:
+        return self._params(-1.0)
+
+    @classmethod
+    def num_params(cls, config: LayerNormTuning, base_layer: nn.Module, layer_type: str) -> int:
+        bias = getattr(base_layer, "bias", None)
+        return base_layer.weight.numel() * (2 if isinstance(bias, torch.Tensor) else 1)
