@@ -110,6 +110,12 @@ class Adapter(nn.Module):
         """Name of a state_dict entry in the adapter file (after the module path)."""
         return key
 
+    def optional_keys(self) -> set[str]:
+        """Keys of this adapter's state_dict that a file may lack: training state that Hugging Face PEFT
+        does not save (e.g. AdaLoRA's importance EMAs). Missing from a file, they keep their attach-time
+        values; present, they load as usual."""
+        return set()
+
     def peft_compatible(self) -> bool:
         """Whether Hugging Face PEFT computes exactly this adapter from the PEFT form of its config
         (e.g. PEFT's (IA)³ also scales the bias, so (IA)³ on a layer with a bias is not). When any

@@ -395,7 +395,12 @@ class TunedModel(nn.Module):
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         expected = self.adapter_state_dict(adapter_name)
-        missing = sorted(set(expected) - set(tensors))
+        optional = {
+            f"{FILE_PREFIX}{layer_name}.{adapter.file_key(key)}"
+            for layer_name, adapter in self.adapters_of(adapter_name)
+            for key in adapter.optional_keys()
+        }
+        missing = sorted(set(expected) - set(tensors) - optional)
         unexpected = sorted(set(tensors) - set(expected))
         bad_shape = [
             f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
@@ -416,7 +421,8 @@ class TunedModel(nn.Module):
             )
         with torch.no_grad():
             for k, v in expected.items():
-                v.copy_(tensors[k].to(v.dtype))
+                if k in tensors:
+                    v.copy_(tensors[k].to(v.dtype))
 
     @classmethod
     def from_pretrained(
