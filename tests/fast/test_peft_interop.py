@@ -106,3 +106,18 @@ def test_unknown_peft_options_warn_and_bookkeeping_does_not(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.warns(UserWarning, match="lora_future_trick"):
         sp.load(MLP(), tmp_path)
+
+
+def test_lora_on_a_dilated_conv_is_written_in_subpeft_format(tmp_path):
+    """PEFT's Conv2d LoRA ignores the base kernel's dilation, so that adapter must not pose as a PEFT file."""
+    torch.manual_seed(0)
+    base = ConvNet()
+    pristine = copy.deepcopy(base)
+    tuned = sp.attach(base, sp.LoRA(r=2, targets=["conv3"]))
+    with torch.no_grad():
+        tuned.model.conv3.adapters["default"].lora_B.normal_()
+    x = torch.randn(2, 3, 8, 9)
+    tuned.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["method"] == "lora" and "peft_type" not in saved
+    assert torch.equal(sp.load(pristine, tmp_path)(x), tuned(x))

@@ -358,6 +358,11 @@ class LowRankAdapter(Adapter):
         d_out, d_in = dims(base_layer, layer_type)
         return config.r * (d_in + d_out)
 
+    def peft_compatible(self) -> bool:
+        # PEFT's LoRA/DoRA on Conv2d builds lora_A without the base kernel's dilation: a dilated
+        # Conv2d adapter is written in subpeft's format (PEFT would compute something else)
+        return not (self.layer_type == "conv2d" and tuple(self.base_layer.dilation) != (1, 1))
+
 
 @register
 class LoRAAdapter(LowRankAdapter):
