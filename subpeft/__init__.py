@@ -19,34 +19,68 @@ from .core.errors import (
 )
 from .core.model import TunedModel, attach, load
 from .core.registry import MethodInfo, config_from_dict, get_method, list_methods, register
-from .methods.extension.lora import LoRA
+from .methods.combination.dora import DoRA
+from .methods.combination.lora_dash import LoRADash
+from .methods.combination.pica import PiCa
+from .methods.combination.spectral import SpectralAdapter
+from .methods.combination.svdiff import SVDiff
+from .methods.extension.adalora import AdaLoRA
+from .methods.extension.flora import FLoRA
+from .methods.extension.lora import LoRA, LowRank
+from .methods.extension.parallel import ParallelAdapter
+from .methods.extension.trilora import TriLoRA
+from .methods.extension.vera import VeRA
+from .methods.reconstruction.bitfit import BitFit
+from .methods.reconstruction.diff_pruning import DiffPruning
+from .methods.reconstruction.ia3 import IA3
+from .methods.reconstruction.layernorm import LayerNormTuning
+from .methods.reconstruction.sam_parser import SAMParser
+from .methods.reconstruction.ssb import SSB
+from .methods.reconstruction.ssl import SSL
 
 __all__ = [
+    "AdaLoRA",
     "Adapter",
     "AdapterConfig",
     "AdapterLoadError",
     "AdapterNameError",
+    "attach",
+    "BitFit",
+    "config_from_dict",
     "ConfigError",
+    "DiffPruning",
+    "DoRA",
+    "FLoRA",
+    "get_method",
+    "IA3",
+    "LayerNormTuning",
+    "list_methods",
+    "load",
     "LoRA",
+    "LoRADash",
+    "LowRank",
     "MethodInfo",
+    "ParallelAdapter",
+    "PiCa",
+    "register",
+    "SAMParser",
+    "SpectralAdapter",
+    "SSB",
+    "SSL",
     "SubpeftError",
+    "SVDiff",
     "TargetError",
+    "TriLoRA",
     "TunedModel",
     "UnsafeMergeError",
     "UnsupportedLayerError",
+    "VeRA",
     "__version__",
-    "attach",
-    "config_from_dict",
-    "get_method",
-    "list_methods",
-    "load",
-    "register",
 ]
 
 
 def __getattr__(name: str):
-    # config classes of registered methods by class name (sp.IA3, sp.DoRA, ...), so that a method's
-    # one file is all it takes; the common ones are also imported above
+    # config classes of methods registered elsewhere (plug-ins), by class name: sp.<ConfigName>
     for info in list_methods():
         if info.config_cls.__name__ == name:
             return info.config_cls

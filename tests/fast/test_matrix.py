@@ -47,10 +47,12 @@ def make_config(method: str, case, **overrides):
 def perturb(tuned: sp.TunedModel, name: str, seed: int, scale: float = 0.1) -> None:
     """Move every trainable tensor of adapter `name` away from its (often identity) init."""
     gen = torch.Generator().manual_seed(seed)
+    params = [p for _, adapter in tuned.adapters_of(name) for p in adapter.parameters()]
+    if name in tuned.shared:  # state shared by all layers of the adapter (e.g. PiCa's per-role M)
+        params += list(tuned.shared[name].parameters())
     with torch.no_grad():
-        for _, adapter in tuned.adapters_of(name):
-            for p in adapter.parameters():
-                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
 
 
 def setup(method: str, case, seed: int = 0, **overrides):
@@ -169,7 +171,7 @@ def test_adapter_file_holds_only_the_adapter(method, case, tmp_path):
     tuned.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved.keys() == tuned.adapter_state_dict("default").keys()
-    assert all(key.startswith("base_model.model.") for key in saved)
+    assert all(key.startswith(("base_model.model.", "base_model.shared.")) for key in saved)
     assert sum(v.numel() for v in saved.values()) >= tuned.get_nb_trainable_parameters()[0]
     base_keys = {f"base_model.model.{k}" for k in _base_state(tuned)}
     assert not base_keys & set(saved), "base weights must never be written into the adapter file"

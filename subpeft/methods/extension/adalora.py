@@ -231,6 +231,9 @@ class AdaLoRAAdapter(LowRankAdapter):
         h = self._hidden(self.base_layer._conv_forward(h, A, None))
         return y + F.conv2d(h, self.lora_B[:, :, None, None]) * self.scaling
 
+    def peft_compatible(self) -> bool:
+        return True  # PEFT's AdaLoRA Conv2d reshapes the base kernel's own geometry, dilation included
+
     def middle(self, h: torch.Tensor) -> torch.Tensor:
         return h * self.lora_E[:, 0]
 
