@@ -110,6 +110,12 @@ class Adapter(nn.Module):
         """Name of a state_dict entry in the adapter file (after the module path)."""
         return key
 
+    @classmethod
+    def shared_file_key(cls, config: AdapterConfig, key: str) -> str:
+        """Full file key of an entry of the shared state (see create_shared); PEFT-compatible methods
+        may map to PEFT's own place (VeRA: ``base_model.vera_A``)."""
+        return "base_model.shared." + key
+
     def optional_keys(self) -> set[str]:
         """Keys of this adapter's state_dict that a file may lack: training state that Hugging Face PEFT
         does not save (e.g. AdaLoRA's importance EMAs). Missing from a file, they keep their attach-time

@@ -25,7 +25,6 @@ from .registry import config_from_dict, method_for_config
 from .targets import candidate_type, default_targets, find_modules_to_save, find_targets
 
 FILE_PREFIX = "base_model.model."
-SHARED_PREFIX = "base_model.shared."
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -345,8 +344,10 @@ class TunedModel(nn.Module):
             for key, value in adapter.state_dict().items():
                 out[f"{FILE_PREFIX}{layer_name}.{adapter.file_key(key)}"] = value
         if adapter_name in self.shared:
+            config = self.configs[adapter_name]
+            adapter_cls = method_for_config(config).adapter_cls
             for key, value in self.shared[adapter_name].state_dict().items():
-                out[f"{SHARED_PREFIX}{key}"] = value
+                out[adapter_cls.shared_file_key(config, key)] = value
         for name, wrapper in self._trainable_copies():
             if adapter_name in wrapper.copies:
                 for key, value in wrapper.copies[adapter_name].state_dict().items():

@@ -185,11 +185,43 @@ def test_peft_vera_loads_in_subpeft(name, build, targets, make_input, tmp_path):
     torch.testing.assert_close(ours(x), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_peft_file_with_saved_projections_is_refused_clearly(tmp_path):
-    theirs = peft.get_peft_model(MLP(), peft.VeraConfig(r=4, target_modules=["fc1"]))  # PEFT's default: saved
+def test_peft_file_with_saved_projections_loads_with_them(tmp_path):
+    """PEFT's default save_projection=True: the projections are in the file (base_model.vera_A/B); subpeft
+    reads them from there, so even projections subpeft could not regenerate load exactly."""
+    torch.manual_seed(0)
+    base = MLP().eval()
+    pristine = copy.deepcopy(base)
+    theirs = peft.get_peft_model(base, peft.VeraConfig(r=4, target_modules=["fc1", "fc2"], projection_prng_key=3))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "vera_lambda" in n:
+                p.add_(torch.randn(p.shape) * 0.3)
+        theirs.base_model.vera_A["default"].mul_(1.5)  # not what the seed gives: must come from the file
+    theirs.eval()
+    x = torch.randn(4, 6)
+    expected = theirs(x)
     theirs.save_pretrained(tmp_path)
-    with pytest.raises(sp.AdapterLoadError, match="save_projection=False"):
-        sp.load(MLP(), tmp_path)
+    ours = sp.load(pristine, tmp_path)
+    assert ours.configs["default"].save_projection
+    torch.testing.assert_close(ours(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_subpeft_vera_with_saved_projections_loads_in_peft(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base = MLP().eval()
+    pristine = copy.deepcopy(base)
+    tuned = sp.attach(base, sp.VeRA(r=4, seed=2, save_projection=True, targets=["fc1", "fc2"]))
+    _perturb(tuned, seed=1)
+    tuned.eval()
+    x = torch.randn(4, 6)
+    tuned.save_pretrained(tmp_path)
+    assert {"base_model.vera_A", "base_model.vera_B"} <= set(load_file(tmp_path / "adapter_model.safetensors"))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path).eval()
+    torch.testing.assert_close(theirs(x), tuned(x), atol=1e-6, rtol=1e-5)
+    again = sp.load(copy.deepcopy(pristine), tmp_path)
+    assert torch.equal(again(x), tuned(x))
 
 
 def test_classifier_head_roundtrip_with_modules_to_save(tmp_path):

@@ -3,13 +3,11 @@
 One pair A, B serves every layer of a named adapter: sized to the largest targeted (d_out, d_in) and
 sliced (``A[:, :d_in]``, ``B[:d_out]``), drawn Kaiming-uniform (gain √2, bound √(6 / fan_in)) from a
 CPU ``torch.Generator`` seeded with ``seed``: A first, then B, as Hugging Face PEFT does, so the
-projections equal PEFT's for the same ``projection_prng_key``. They are regenerated, never saved:
-a file holds only b (``vera_lambda_b``, d_out, init 0) and d (``vera_lambda_d``, r, init ``d_init``)
-per layer and a PEFT ``VeraConfig`` with ``save_projection=False``.
-
-PEFT files written with ``save_projection=True`` (PEFT's default) carry the projections under
-``base_model.vera_A`` / ``base_model.vera_B``; subpeft refuses them with a clear message (re-save them
-in PEFT with ``save_projection=False``), because its shared state is saved under its own prefix.
+projections equal PEFT's for the same ``projection_prng_key``. By default they are regenerated,
+never saved: a file holds only b (``vera_lambda_b``, d_out, init 0) and d (``vera_lambda_d``, r, init
+``d_init``) per layer and a PEFT ``VeraConfig`` with ``save_projection=False``. With
+``save_projection=True`` (PEFT's default, and what PEFT files saved that way load as) the projections
+are also written, where PEFT puts them (``base_model.vera_A`` / ``base_model.vera_B``), and read back.
 PEFT's VeraConfig has no ``exclude_modules``: an adapter with ``exclude`` is written in subpeft's format.
 """
 
@@ -42,9 +40,12 @@ class VeRA(AdapterConfig):
     d_init: float = 0.1
     seed: int = 0
     dropout: float = 0.0
+    save_projection: bool = False  # True: the shared A, B are written to the file too (PEFT's default)
 
     def validate(self) -> None:
         self._check_positive_int("r")
+        if not isinstance(self.save_projection, bool):
+            raise ConfigError(f"VeRA.save_projection must be True or False, got {self.save_projection!r}")
         self._check_range("dropout", 0.0, 1.0)
         if isinstance(self.d_init, bool) or not isinstance(self.d_init, (int, float)) or not math.isfinite(self.d_init):
             raise ConfigError(f"VeRA.d_init must be a finite number (the initial value of d), got {self.d_init!r}")
@@ -61,7 +62,7 @@ class VeRA(AdapterConfig):
             "r": self.r,
             "target_modules": self.targets,
             "projection_prng_key": self.seed,
-            "save_projection": False,
+            "save_projection": self.save_projection,
             "vera_dropout": self.dropout,
             "d_initial": self.d_init,
             "fan_in_fan_out": "conv1d" in layer_types,
@@ -75,12 +76,6 @@ class VeRA(AdapterConfig):
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> VeRA:
-        if data.get("save_projection", True):
-            raise ConfigError(
-                "this PEFT VeRA adapter was saved with save_projection=True (the projections are in the file); "
-                "subpeft regenerates them from projection_prng_key and reads files saved with "
-                "VeraConfig(save_projection=False, ...): re-save it that way in PEFT"
-            )
         bad = [k for k, v in {"bias": (data.get("bias") or "none") != "none",
                               "layers_to_transform": data.get("layers_to_transform") is not None}.items() if v]
         if bad:
@@ -93,6 +88,7 @@ class VeRA(AdapterConfig):
             targets = sorted(targets)
         return cls(r=int(data.get("r", 256)), d_init=data.get("d_initial", 0.1), seed=int(data.get("projection_prng_key", 0)),
                    dropout=float(data.get("vera_dropout", 0.0) or 0.0), targets=targets,
+                   save_projection=bool(data.get("save_projection", True)),
                    modules_to_save=data.get("modules_to_save"))
 
 
@@ -115,8 +111,9 @@ class VeRAShared(nn.Module):
     def __init__(self, config: VeRA, d_out: int, d_in: int, kw: dict) -> None:
         super().__init__()
         gen = torch.Generator(device="cpu").manual_seed(config.seed)
-        self.register_buffer("vera_A", kaiming_uniform((config.r, d_in), gen).to(**kw), persistent=False)
-        self.register_buffer("vera_B", kaiming_uniform((d_out, config.r), gen).to(**kw), persistent=False)
+        keep = config.save_projection
+        self.register_buffer("vera_A", kaiming_uniform((config.r, d_in), gen).to(**kw), persistent=keep)
+        self.register_buffer("vera_B", kaiming_uniform((d_out, config.r), gen).to(**kw), persistent=keep)
 
 
 @register
@@ -128,6 +125,10 @@ class VeRAAdapter(Adapter):
     formula = "d_out + r"
     trains = "scaling vectors b, d"
     layer_types = ("linear", "conv1d")
+
+    @classmethod
+    def shared_file_key(cls, config: VeRA, key: str) -> str:
+        return "base_model." + key  # where PEFT saves its projections (save_projection=True)
 
     def __init__(self, config: VeRA, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         super().__init__(config, base_layer, layer_type, **kwargs)
