@@ -6,6 +6,7 @@
 
 __version__ = "0.1.0"
 
+from . import analysis
 from .core.adapter import Adapter
 from .core.config import AdapterConfig
 from .core.errors import (
@@ -39,6 +40,7 @@ from .methods.reconstruction.ssb import SSB
 from .methods.reconstruction.ssl import SSL
 
 __all__ = [
+    "analysis",
     "AdaLoRA",
     "Adapter",
     "AdapterConfig",

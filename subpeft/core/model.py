@@ -239,6 +239,12 @@ class TunedModel(nn.Module):
                 if new is not None:
                     self.configs[name] = new
 
+    def analyze(self, adapter_name: str | None = None, reference: Any = None, **kwargs: Any) -> Any:
+        """Per-layer subspace analysis of an adapter (see :func:`subpeft.analysis.report`)."""
+        from ..analysis import report
+
+        return report(self, adapter_name, reference, **kwargs)
+
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
