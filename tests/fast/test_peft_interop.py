@@ -71,12 +71,13 @@ def test_peft_lora_loads_in_subpeft(name, build, targets, make_input, extra, tmp
     assert (cfg.r, cfg.alpha, cfg.dropout, cfg.rslora) == (r, 6, 0.1, extra.get("rslora", False))
 
 
-def test_classifier_head_roundtrip_with_modules_to_save(tmp_path):
+def assert_head_roundtrip_with_peft(config, tmp_path, perturb) -> None:
+    """A tiny BERT classifier with ``config`` (and a trained head via modules_to_save), moved off its
+    init by ``perturb(tuned)``: subpeft → peft → subpeft keeps the logits (atol 1e-6)."""
     base = tiny_bert()
     pristine = copy.deepcopy(base)
-    tuned = sp.attach(base, sp.LoRA(r=2, alpha=4, targets=["query", "value"], modules_to_save=["classifier"]))
-    params = [p for n, p in tuned.named_parameters() if p.requires_grad]
-    _randomise(params, seed=3)
+    tuned = sp.attach(base, config)
+    perturb(tuned)
     ids = torch.randint(1, 50, (2, 6))
     expected = tuned(input_ids=ids).logits
     tuned.save_pretrained(tmp_path / "ours")
@@ -85,6 +86,13 @@ def test_classifier_head_roundtrip_with_modules_to_save(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     back = sp.load(copy.deepcopy(pristine), tmp_path / "theirs")
     torch.testing.assert_close(back(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_classifier_head_roundtrip_with_modules_to_save(tmp_path):
+    config = sp.LoRA(r=2, alpha=4, targets=["query", "value"], modules_to_save=["classifier"])
+    assert_head_roundtrip_with_peft(
+        config, tmp_path, lambda tuned: _randomise([p for p in tuned.parameters() if p.requires_grad], seed=3)
+    )
 
 
 def test_peft_options_subpeft_lacks_are_refused(tmp_path):

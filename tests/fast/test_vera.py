@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import subpeft as sp
 from subpeft.core.layers import weight_2d
 
-from .test_core import tiny_bert
+from .test_peft_interop import assert_head_roundtrip_with_peft
 from .tiny_models import MLP, GPT2Style
 
 pytestmark = pytest.mark.filterwarnings("ignore:Specified to not (save|load) vera_A:UserWarning")
@@ -225,15 +225,5 @@ def test_subpeft_vera_with_saved_projections_loads_in_peft(tmp_path):
 
 
 def test_classifier_head_roundtrip_with_modules_to_save(tmp_path):
-    base = tiny_bert()
-    pristine = copy.deepcopy(base)
-    tuned = sp.attach(base, sp.VeRA(r=8, targets=["query", "value"], modules_to_save=["classifier"]))
-    _perturb(tuned, seed=4)
-    ids = torch.randint(1, 50, (2, 6))
-    expected = tuned(input_ids=ids).logits
-    tuned.save_pretrained(tmp_path / "ours")
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "ours").eval()
-    torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-5)
-    theirs.save_pretrained(tmp_path / "theirs")
-    back = sp.load(copy.deepcopy(pristine), tmp_path / "theirs")
-    torch.testing.assert_close(back(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-5)
+    config = sp.VeRA(r=8, targets=["query", "value"], modules_to_save=["classifier"])
+    assert_head_roundtrip_with_peft(config, tmp_path, lambda tuned: _perturb(tuned, seed=4))
