@@ -264,8 +264,8 @@ class TunedModel(nn.Module):
             config = self.configs[n]
             if not config.mergeable:
                 raise SubpeftError(
-                    f"adapter {n!r} ({config.method}) cannot be merged into the base weights"
-                    + "; it stays a separate computation at inference"
+                    f"adapter {n!r} ({config.method}) cannot be merged into the base weights; "
+                    "it stays a separate computation at inference"
                 )
         return names
 
