@@ -60,6 +60,22 @@ class Adapter(nn.Module):
 
     # -- which layers, and state shared between them ---------------------------------------------
     @classmethod
+    def prepare_config(cls, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+        """The config with everything left to the model resolved, before any layer is touched.
+
+        The default: ``targets=None`` becomes the config class's ``default_targets`` or the model's
+        usual attention targets. Module-level methods resolve their targets (and e.g. trainable
+        LayerNorms as ``modules_to_save``) from the architecture description (:mod:`subpeft.core.arch`).
+        """
+        from .targets import default_targets
+
+        if config.targets is None:
+            resolved = type(config).default_targets or default_targets(model)
+            if resolved is not None:
+                config = config.replace(targets=resolved)
+        return config
+
+    @classmethod
     def accepts(cls, config: AdapterConfig, module: nn.Module, layer_type: str) -> bool:
         """Whether this method can adapt the module (e.g. BitFit: only modules with a bias). Targets
         named explicitly that are not accepted raise; ``targets="all"`` skips them."""

@@ -22,7 +22,7 @@ from .errors import AdapterLoadError, AdapterNameError, ConfigError, SubpeftErro
 from .io import read_config, read_tensors, write_adapter
 from .layer import AdaptedLayer, TrainableCopy
 from .registry import config_from_dict, method_for_config
-from .targets import candidate_type, default_targets, find_modules_to_save, find_targets
+from .targets import candidate_type, find_modules_to_save, find_targets
 
 FILE_PREFIX = "base_model.model."
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -46,6 +46,7 @@ class TunedModel(nn.Module):
         self.shared = nn.ModuleDict()
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
+        self._prompts_disabled = False
         self._grad_backup = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -66,9 +67,15 @@ class TunedModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        prompt = self._active_prompt()
+        if prompt is not None:
+            return prompt.run(self.model, args, kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        prompt = self._active_prompt()
+        if prompt is not None:
+            return prompt.generate(self.model, args, kwargs)
         return self.model.generate(*args, **kwargs)
 
     # -- walking our own modules ---------------------------------------------------------------------
@@ -106,10 +113,10 @@ class TunedModel(nn.Module):
         self._check_name(adapter_name, exists=False)
         info = method_for_config(config)
         adapter_cls = info.adapter_cls
-        if config.targets is None:
-            resolved = type(config).default_targets or default_targets(self.model)
-            if resolved is not None:
-                config = config.replace(targets=resolved)
+        if info.kind == "prompt":
+            self._add_prompt(adapter_name, config, adapter_cls)
+            return
+        config = adapter_cls.prepare_config(config, self.model)
         self.configs[adapter_name] = config
         try:
             names = find_targets(
@@ -143,6 +150,31 @@ class TunedModel(nn.Module):
             raise
         self._freeze(adapter_name)
         self._apply_active()
+
+    def _add_prompt(self, adapter_name: str, config: AdapterConfig, prompt_cls: type) -> None:
+        """A prompt-kind method (prompt/prefix tuning, P-tuning) is one module for the whole model,
+        a :class:`~subpeft.core.prompt.PromptAdapter`, kept (and saved) as the adapter's shared state."""
+        config = prompt_cls.prepare_config(config, self.model)
+        self.configs[adapter_name] = config
+        try:
+            self.shared[adapter_name] = prompt_cls(config, self.model)
+        except BaseException:
+            self._remove(adapter_name)
+            raise
+        self._freeze(adapter_name)
+        self._apply_active()
+
+    def _is_prompt(self, adapter_name: str) -> bool:
+        return method_for_config(self.configs[adapter_name]).kind == "prompt"
+
+    def _active_prompt(self) -> Any:
+        """The active prompt-kind adapter (at most one may be active), or None."""
+        if self._prompts_disabled:
+            return None
+        found = [n for n in self.active_adapters if self._is_prompt(n)]
+        if len(found) > 1:
+            raise SubpeftError(f"only one prompt-kind adapter can be active at a time; active: {found}")
+        return self.shared[found[0]] if found else None
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active and trainable; every other adapter is frozen and inactive."""
@@ -209,10 +241,11 @@ class TunedModel(nn.Module):
         terms = []
         for name in self.active_adapters:
             adapters = [a for _, a in self.adapters_of(name)]
-            if adapters:
-                term = type(adapters[0]).model_regularization(adapters)
-                if term is not None:
-                    terms.append(term)
+            term = type(adapters[0]).model_regularization(adapters) if adapters else None
+            if term is None and self._is_prompt(name):
+                term = self.shared[name].regularization()
+            if term is not None:
+                terms.append(term)
         if terms:
             return torch.stack(terms).sum()
         param = next(self.model.parameters(), None)
@@ -224,6 +257,8 @@ class TunedModel(nn.Module):
             adapters = [a for _, a in self.adapters_of(name)]
             if adapters:
                 type(adapters[0]).model_step(adapters, int(global_step))
+            elif self._is_prompt(name):
+                self.shared[name].step(int(global_step))
 
     def finalize(self, adapter_name: str | None = None) -> None:
         """End of training: methods that change form after training do so now (Diff pruning keeps
@@ -234,10 +269,13 @@ class TunedModel(nn.Module):
             if name in self.merged_adapters:
                 raise SubpeftError(f"adapter {name!r} is merged: call unmerge() before finalize()")
             adapters = [a for _, a in self.adapters_of(name)]
+            new = None
             if adapters:
                 new = type(adapters[0]).model_finalize(self.configs[name], adapters)
-                if new is not None:
-                    self.configs[name] = new
+            elif self._is_prompt(name):
+                new = self.shared[name].finalize()
+            if new is not None:
+                self.configs[name] = new
 
     def analyze(self, adapter_name: str | None = None, reference: Any = None, **kwargs: Any) -> Any:
         """Per-layer subspace analysis of an adapter (see :func:`subpeft.analysis.report`)."""
@@ -332,9 +370,11 @@ class TunedModel(nn.Module):
         wrappers = [w for _, w in self._trainable_copies()]
         for m in layers + wrappers:
             m.disabled = True
+        self._prompts_disabled = True
         try:
             yield
         finally:
+            self._prompts_disabled = False
             for m in layers + wrappers:
                 m.disabled = False
             for name, layer in self.adapted_layers():
@@ -352,7 +392,10 @@ class TunedModel(nn.Module):
         if adapter_name in self.shared:
             config = self.configs[adapter_name]
             adapter_cls = method_for_config(config).adapter_cls
-            for key, value in self.shared[adapter_name].state_dict().items():
+            shared = self.shared[adapter_name]
+            # a prompt adapter may save another form than it trains in (prefix tuning: the MLP folded)
+            state = shared.file_state() if hasattr(shared, "file_state") else shared.state_dict()
+            for key, value in state.items():
                 out[adapter_cls.shared_file_key(config, key)] = value
         for name, wrapper in self._trainable_copies():
             if adapter_name in wrapper.copies:
@@ -364,6 +407,9 @@ class TunedModel(nn.Module):
         from .. import __version__
 
         config = self.configs[adapter_name]
+        shared = self.shared[adapter_name] if adapter_name in self.shared else None
+        if hasattr(shared, "file_config"):
+            config = shared.file_config()
         meta = {"subpeft_method": config.method, "subpeft_version": __version__}
         layer_types = {layer.layer_type for _, layer in self.adapted_layers() if adapter_name in layer.adapters}
         compatible = all(a.peft_compatible() for _, a in self.adapters_of(adapter_name))
