@@ -38,6 +38,7 @@ from .methods.reconstruction.layernorm import LayerNormTuning
 from .methods.reconstruction.sam_parser import SAMParser
 from .methods.reconstruction.ssb import SSB
 from .methods.reconstruction.ssl import SSL
+from .quant import load_quantized, quantize
 
 __all__ = [
     "analysis",
@@ -58,12 +59,14 @@ __all__ = [
     "LayerNormTuning",
     "list_methods",
     "load",
+    "load_quantized",
     "LoRA",
     "LoRADash",
     "LowRank",
     "MethodInfo",
     "ParallelAdapter",
     "PiCa",
+    "quantize",
     "register",
     "SAMParser",
     "SpectralAdapter",

@@ -20,7 +20,8 @@ are treated as zero. Non-mergeable adapters and norm layers are listed with a no
 
 One SVD of W per matrix, cached per base layer while its weight is unchanged (keyed by the
 weight tensor's version counter), and one SVD of ΔW. Quantised bases are dequantised first
-(a weight with a ``dequantize()`` method, or a module with one).
+(a bitsandbytes 4-bit layer as every method reads it, ``subpeft.core.layers.base_weight``; else a
+weight with a ``dequantize()`` method, or a module with one).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import torch
 from torch import nn
 
 from ..core.adapter import Adapter
+from ..core.layers import base_weight, is_quantized, weight_2d
 from ..core.layers import layer_type as module_layer_type
-from ..core.layers import weight_2d
 from ..core.svd import SVD, svd
 from .measures import AnalysisError, distance_to_reference, effective_rank, project, subspace_similarity
 
@@ -165,7 +166,10 @@ def _finite(obj: Any) -> Any:
 
 # -- weights -----------------------------------------------------------------------------------------
 def _dense(weight: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-    """A floating-point copy-free view of the weight, dequantising a quantised one."""
+    """A floating-point copy-free view of the weight, dequantising a quantised one (a 4-bit layer as
+    every method reads it, :func:`subpeft.core.layers.base_weight`)."""
+    if module is not None and module.weight is weight and is_quantized(module):
+        return base_weight(module).detach().float()
     if weight.is_floating_point():
         return weight.detach()
     for owner in (weight, module):

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from .layers import base_weight
+
 if TYPE_CHECKING:
     from .config import AdapterConfig
 
@@ -102,12 +104,12 @@ class Adapter(nn.Module):
 
     def merged_params(self) -> dict[str, torch.Tensor]:
         """New values for the base layer's tensors with this adapter folded in."""
-        w = self.base_layer.weight
+        w = base_weight(self.base_layer)  # the weight itself; dequantised for a 4-bit layer
         return {"weight": w + self.delta_weight().to(w.dtype)}
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`merged_params`, applied to the merged base layer."""
-        w = self.base_layer.weight
+        w = base_weight(self.base_layer)
         return {"weight": w - self.delta_weight().to(w.dtype)}
 
     # -- parameter accounting ------------------------------------------------------------------

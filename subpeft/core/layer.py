@@ -1,7 +1,11 @@
 """Wrappers that replace modules of the base model.
 
 - :class:`AdaptedLayer` wraps one base layer and holds its named adapters, the active set and the
-  merge state. Its forward chains the active, unmerged adapters around the base layer.
+  merge state. Its forward chains the active, unmerged adapters around the base layer. On a 4-bit
+  base (:mod:`subpeft.quant`) a merge dequantises, adds and requantises: the error requantising
+  introduced is recorded per adapter in ``quant_error`` ({"max_abs", "rel_fro"}, see
+  :func:`subpeft.quant.merge_errors`), and unmerge restores the 4-bit weight held before the merge
+  exactly.
 - :class:`TrainableCopy` wraps a module listed in ``modules_to_save``: one trainable copy per
   adapter, the original kept for ``disable_adapter()`` and ``unload()``.
 """
@@ -16,6 +20,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import UnsafeMergeError
+from .layers import is_quantized
 
 
 class AdaptedLayer(nn.Module):
@@ -27,6 +32,10 @@ class AdaptedLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self.disabled = False
+        # 4-bit base only: per merged adapter, the error requantising introduced, and the packed
+        # weight before its merge (restored exactly by unmerge)
+        self.quant_error: dict[str, dict[str, float]] = {}
+        self._quant_saved: dict[str, tuple] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -54,11 +63,20 @@ class AdaptedLayer(nn.Module):
         return base(x)
 
     # -- merging ---------------------------------------------------------------------------------
-    def _write(self, values: dict[str, torch.Tensor]) -> None:
+    def _write(self, values: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """Write new values into the base layer's tensors. A 4-bit weight is requantised: the error
+        that introduced ({"max_abs", "rel_fro"}) is returned (None when no weight was requantised)."""
+        error = None
         with torch.no_grad():
             for name, value in values.items():
+                if name == "weight" and is_quantized(self.base_layer):
+                    from ..quant.nf4 import requantize
+
+                    error = requantize(self.base_layer, value)
+                    continue
                 target = getattr(self.base_layer, name)
                 target.copy_(value.to(target.dtype))
+        return error
 
     def check_mergeable(self, name: str) -> None:
         """Raise UnsafeMergeError if merging adapter `name` would write NaN/inf."""
@@ -74,7 +92,15 @@ class AdaptedLayer(nn.Module):
         if name in self.merged:
             return
         with torch.no_grad():
-            self._write(self.adapters[name].merged_params())
+            values = self.adapters[name].merged_params()
+            if is_quantized(self.base_layer) and "weight" in values:
+                from ..quant.nf4 import snapshot, warn_requantized
+
+                self._quant_saved[name] = snapshot(self.base_layer)
+                self.quant_error[name] = self._write(values)
+                warn_requantized()
+            else:
+                self._write(values)
         self.merged.append(name)
 
     def unmerge(self, name: str | None = None) -> None:
@@ -93,7 +119,15 @@ class AdaptedLayer(nn.Module):
 
     def _unmerge_one(self, name: str) -> None:
         with torch.no_grad():
-            self._write(self.adapters[name].unmerged_params())
+            values = self.adapters[name].unmerged_params()
+            saved = self._quant_saved.pop(name, None)
+            if saved is not None:  # a 4-bit weight: back to its exact state before the merge
+                from ..quant.nf4 import restore
+
+                restore(self.base_layer, saved)
+                values = {k: v for k, v in values.items() if k != "weight"}
+                self.quant_error.pop(name, None)
+            self._write(values)
         self.merged.remove(name)
 
 

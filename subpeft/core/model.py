@@ -285,8 +285,12 @@ class TunedModel(nn.Module):
 
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        def numel(p: torch.Tensor) -> int:  # a 4-bit weight counts d_out·d_in, not its packed bytes
+            state = getattr(p, "__dict__", {}).get("quant_state")
+            return torch.Size(state.shape).numel() if state is not None else p.numel()
+
+        trainable = sum(numel(p) for p in self.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -350,8 +354,20 @@ class TunedModel(nn.Module):
             if n in self._grad_backup:
                 p.requires_grad_(self._grad_backup[n])
 
-    def merge_and_unload(self, safe: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the active adapters and return the plain base model (no subpeft modules left)."""
+    def merge_and_unload(
+        self, safe: bool = False, adapter_names: list[str] | None = None, dequantize: bool = False
+    ) -> nn.Module:
+        """Merge the active adapters and return the plain base model (no subpeft modules left).
+
+        On a 4-bit base the merge requantises, which loses part of the update (the error is reported,
+        see :func:`subpeft.quant.merge_errors`); ``dequantize=True`` first turns every 4-bit layer into
+        an ``nn.Linear`` holding its dequantised weight, so the merge is exact and the model returned is
+        full precision."""
+        self._merge_names(adapter_names)  # refuse unmergeable adapters before changing anything
+        if dequantize:
+            from ..quant import dequantize_model
+
+            dequantize_model(self.model)
         self.merge(adapter_names, safe=safe)
         return self._unwrap(keep_copies=True)
 

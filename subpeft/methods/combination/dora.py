@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError, UnsupportedLayerError
-from ...core.layers import dims, from_2d, weight_2d
+from ...core.layers import dims, from_2d, is_quantized, weight_2d
 from ...core.registry import register
 from ..extension.lora import LoRA, LoRAAdapter, LowRank, LowRankAdapter, _autocast_on, _functorch_active, _has_hooks
 
@@ -140,7 +140,7 @@ class DoRAAdapter(LowRankAdapter):
     layer_types = ("linear", "conv1d", "embedding", "conv2d")
 
     def __init__(self, config: DoRA, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
-        if not base_layer.weight.is_floating_point():
+        if not (base_layer.weight.is_floating_point() or is_quantized(base_layer)):
             raise UnsupportedLayerError(
                 f"DoRA needs the base weight in floating point to take its row norms; {kwargs.get('name', 'this layer')!r} "
                 f"holds {base_layer.weight.dtype} (quantised?): adapt a floating-point layer, or use LoRA on it"
@@ -224,8 +224,8 @@ class DoRAAdapter(LowRankAdapter):
     def merged_params(self) -> dict[str, torch.Tensor]:
         phi, n = self._phi_2d()
         self._merge_norm = n.detach().clone()
-        w = self.base_layer.weight
-        return {"weight": from_2d(self.base_layer, self.layer_type, phi).to(w.dtype)}
+        w = self.base_layer.weight  # a 4-bit weight is written by requantising: keep phi's float dtype
+        return {"weight": from_2d(self.base_layer, self.layer_type, phi).to(w.dtype if w.is_floating_point() else phi.dtype)}
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
         """W = W'·n/m − s·B·A with the n used at merge (W' rows cannot give back the unmerged norm).
@@ -235,7 +235,8 @@ class DoRAAdapter(LowRankAdapter):
         w = self.base_layer.weight
         merged = weight_2d(self.base_layer, self.layer_type).to(self.lora_A.dtype)
         V = merged * (self._merge_norm / self._magnitude()).unsqueeze(1)
-        return {"weight": from_2d(self.base_layer, self.layer_type, V - self.delta_2d()).to(w.dtype)}
+        dtype = w.dtype if w.is_floating_point() else V.dtype
+        return {"weight": from_2d(self.base_layer, self.layer_type, V - self.delta_2d()).to(dtype)}
 
     # -- files and accounting -------------------------------------------------------------------
     def file_key(self, key: str) -> str:

@@ -30,7 +30,14 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
-from ...core.layers import dims, factory, from_2d, weight_2d
+from ...core.layers import base_weight, dims, factory, from_2d, weight_2d
+
+
+def _dtype(layer: nn.Module, value: torch.Tensor) -> torch.dtype:
+    """The dtype a merged weight is written in: the base weight's (a 4-bit weight is written by
+    requantising a floating-point value, which keeps its own)."""
+    dtype = layer.weight.dtype
+    return dtype if dtype.is_floating_point else value.dtype
 
 
 class DiagonalScaling(Adapter):
@@ -90,7 +97,7 @@ class DiagonalScaling(Adapter):
         return from_2d(self.base_layer, self.layer_type, mat)
 
     def delta_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
+        w = base_weight(self.base_layer)
         return self._scaled_weight() - w
 
     def _scaled_bias(self, inverse: bool = False) -> dict[str, torch.Tensor]:
@@ -101,11 +108,12 @@ class DiagonalScaling(Adapter):
         return {"bias": (bias / l_out if inverse else bias * l_out).to(bias.dtype)}
 
     def merged_params(self) -> dict[str, torch.Tensor]:
-        return {"weight": self._scaled_weight().to(self.base_layer.weight.dtype), **self._scaled_bias()}
+        weight = self._scaled_weight()
+        return {"weight": weight.to(_dtype(self.base_layer, weight)), **self._scaled_bias()}
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
-        return {"weight": self._scaled_weight(inverse=True).to(self.base_layer.weight.dtype),
-                **self._scaled_bias(inverse=True)}
+        weight = self._scaled_weight(inverse=True)
+        return {"weight": weight.to(_dtype(self.base_layer, weight)), **self._scaled_bias(inverse=True)}
 
     # -- files -------------------------------------------------------------------------------------
     def file_key(self, key: str) -> str:

@@ -32,7 +32,7 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError, UnsupportedLayerError
-from ...core.layers import factory
+from ...core.layers import factory, weight_shape
 from ...core.registry import register
 
 
@@ -106,9 +106,9 @@ class DiffPruningAdapter(Adapter):
                 "up, so W + Δ would not merge exactly); exclude it from targets="
             )
         kw = factory(base_layer)
-        shape = base_layer.weight.shape
+        shape = weight_shape(base_layer)  # the native shape (also of a 4-bit layer's packed weight)
         if config.sparse:
-            k = kept_count(config.budget, base_layer.weight.numel())
+            k = kept_count(config.budget, shape.numel())
             self.values = nn.Parameter(torch.zeros(k, **kw))
             self.register_buffer("indices", torch.arange(k, device=kw["device"]))  # distinct; a load overwrites
         else:
@@ -144,9 +144,9 @@ class DiffPruningAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         """z ⊙ w (dense form; the gate sampled in training mode) or the scattered kept values."""
         if self.is_sparse:
-            weight = self.base_layer.weight
-            flat = self.values.new_zeros(weight.numel()).index_add(0, self.indices, self.values)
-            return flat.view(weight.shape)
+            shape = weight_shape(self.base_layer)
+            flat = self.values.new_zeros(shape.numel()).index_add(0, self.indices, self.values)
+            return flat.view(shape)
         return self.gate() * self.diff
 
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
@@ -187,5 +187,5 @@ class DiffPruningAdapter(Adapter):
 
     @classmethod
     def num_params(cls, config: DiffPruning, base_layer: nn.Module, layer_type: str) -> int:
-        n = base_layer.weight.numel()  # d_out·d_in
+        n = weight_shape(base_layer).numel()  # d_out·d_in
         return kept_count(config.budget, n) if config.sparse else 2 * n
