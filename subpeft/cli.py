@@ -5,6 +5,15 @@
     subpeft demo [...]       the main job: LoRA on MiniLM on the tweet sentiment task
     subpeft analyze DIR [--reference REF] [--out OUT] [--base minilm|module:factory] [--top K]
                              what a saved adapter does to each weight (subpeft.analysis)
+    subpeft train [--method NAME] [--config FILE.json] [--set key=value ...] [--model NAME|PATH]
+                  [--task NAME | --data FILE] [--epochs N | --max-steps N] [--lr X] [--batch-size N]
+                  [--seed N] [--out DIR] [--resume] ...
+                             train a method (default: LoRA on MiniLM on the tweets task); writes the
+                             adapter, metrics.json and train.log to DIR
+    subpeft eval --adapter DIR [--task NAME | --data FILE] [--split test]
+                             the same metrics for a saved adapter
+    subpeft compare --task NAME --methods a,b,c [--seeds 3] [--out DIR] [--max-steps N] ...
+                             every method and the baselines, a Markdown table, JSON and a plot
 """
 
 from __future__ import annotations
@@ -147,6 +156,286 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train / eval / compare
+
+
+def _guarded(handler, args: argparse.Namespace) -> int:
+    """Run a command; input a user can fix ends with one 'error:' line and exit status 2."""
+    from .core.errors import SubpeftError, UnsupportedLayerError
+    from .train.data import DataFileError, MissingPackageError
+    from .train.run import UsageError
+    from .train.trainer import ResumeError
+
+    try:
+        return handler(args)
+    except (UsageError, SubpeftError, UnsupportedLayerError, DataFileError, MissingPackageError, ResumeError,
+            FileNotFoundError) as exc:
+        print(f"subpeft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+_S = argparse.SUPPRESS
+
+
+def _size(text: str) -> int | None:
+    """A split size: a count, or 0 / 'all' for the whole split."""
+    if text.lower() in ("all", "0"):
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0 (0 or 'all': the whole split), got {value}")
+    return value
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=_S, help="minilm (default for classification), smollm2 (default for "
+                   "generation) or a local Hugging Face model folder")
+    p.add_argument("--task", default=_S, help="tweets (default) or chat")
+    p.add_argument("--data", default=_S, metavar="FILE", help="your own .csv/.tsv/.jsonl file instead of --task")
+    p.add_argument("--text-col", default=_S, help="classification: the text column (default 'text')")
+    p.add_argument("--label-col", default=_S, help="classification: the label column (default 'label')")
+    p.add_argument("--prompt-col", default=_S, help="generation: the prompt column (default 'prompt')")
+    p.add_argument("--response-col", default=_S, help="generation: the response column (default 'response')")
+    p.add_argument("--max-length", type=int, default=_S, help="max tokens per example (default 128)")
+    p.add_argument("--test-size", type=_size, default=_S, help="test examples (default 2000; 0 or 'all': all)")
+    p.add_argument("--device", default=_S, help="cpu or cuda (default: cuda if available)")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Training settings shared by train and compare."""
+    p.add_argument("--epochs", type=float, default=_S, help="passes over the training data (default 1)")
+    p.add_argument("--max-steps", type=int, default=_S, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=_S, help="examples per micro-batch (default 16)")
+    p.add_argument("--grad-accum", type=int, default=_S, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--weight-decay", type=float, default=_S, help="AdamW weight decay of matrices (default 0)")
+    p.add_argument("--warmup-ratio", type=float, default=_S, help="linear warm-up share of the steps (default 0.06)")
+    p.add_argument("--max-grad-norm", type=float, default=_S, help="gradient clipping norm (default 1.0)")
+    p.add_argument("--train-size", type=_size, default=_S, help="training examples (default 6400; 0 or 'all': all)")
+    p.add_argument("--dev-size", type=_size, default=_S, help="dev examples (default 1000; 0 or 'all': all)")
+    p.add_argument("--max-new-tokens", type=int, default=_S, help="generation: greedy answer length (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines on the terminal")
+
+
+def _parse_value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parse_sets(items: list[str], what: str = "--set") -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"subpeft: {what} takes key=value (e.g. {what} r=16), got {item!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _spec_keys() -> set[str]:
+    import dataclasses
+
+    from .train.run import RunSpec
+
+    return {f.name for f in dataclasses.fields(RunSpec)}
+
+
+def _train_spec(args: argparse.Namespace):
+    """(RunSpec, out dir) from the command line: defaults < --spec file < run.json (with --resume) < options."""
+    import json
+    from pathlib import Path
+
+    from .train.run import RunSpec, UsageError
+
+    given = {k: v for k, v in vars(args).items() if k in _spec_keys() and k != "options"}
+    options: dict = {}
+    if getattr(args, "config", None):
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--config {args.config}: cannot read a JSON object: {exc}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {args.config} must hold a JSON object of method options")
+        if "method" in data:
+            if "method" in given and given["method"] != data["method"]:
+                raise UsageError(f"--method {given['method']} but --config is for {data['method']!r}")
+            given["method"] = data["method"]
+        options.update({k: v for k, v in data.items() if k not in ("method", "subpeft_version")})
+    options.update(_parse_sets(getattr(args, "set", None) or []))
+    if options:
+        given["options"] = options
+    if "data" in given and "task" in given:
+        raise UsageError("give either --task or --data, not both")
+    if "data" in given:
+        given["task"] = None
+    base: dict = {}
+    if getattr(args, "spec", None):
+        base = json.loads(Path(args.spec).read_text())
+    out = getattr(args, "out", None)
+    if out is None:
+        merged = {**base, **given}
+        label = merged.get("task") or Path(merged.get("data") or "tweets").stem
+        if "data" not in merged and "task" not in merged:
+            label = "tweets"
+        out = str(Path("runs") / f"{merged.get('method', 'lora')}-{label}")
+    if args.resume:
+        run_json = Path(out) / "run.json"
+        if not run_json.is_file():
+            raise UsageError(f"--resume: no run in {out} (no run.json); start it without --resume")
+        stored = json.loads(run_json.read_text())
+        conflicts = [f"{k}: run {stored.get(k)!r}, now {v!r}" for k, v in given.items()
+                     if k not in RunSpec.RESUME_FREE and stored.get(k) != v]
+        if conflicts:
+            raise UsageError(f"--resume with other settings than the run in {out}: {'; '.join(conflicts)}")
+        base = stored
+    return RunSpec.from_dict({**base, **given}), out
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.trainer import TrainingInterrupted
+
+    _threads(args)
+    spec, out = _train_spec(args)
+    try:
+        from .train.run import train_run
+
+        m = train_run(spec, out, resume=args.resume, progress=not args.quiet, echo=not args.quiet)
+    except TrainingInterrupted as exc:
+        print(f"subpeft train: {exc}", file=sys.stderr)
+        if exc.checkpoint:
+            print(f"continue with: subpeft train --out {out} --resume", file=sys.stderr)
+        return 130
+    metric = m["metric"]
+    print(f"{m['method']} on {m['model']}, task {m['task']}: test {metric} {m['test'][metric]:.4f} "
+          f"({m['test']['examples']} examples)")
+    print(f"trainable {m['trainable_parameters']:,} of {m['total_parameters']:,} parameters "
+          f"({m['trainable_percent']:.3f}%)")
+    if "train_seconds" in m:
+        print(f"trained {m['steps']} steps in {m['train_seconds']:.1f} s; loss {m['train_loss_first']:.4f} -> "
+              f"{m['train_loss_last']:.4f}; peak memory +{m['peak_memory']['max_rss_rise_during_training_mb']:.0f} MB "
+              "(max RSS rise)")
+    print(f"wrote {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.run import eval_run
+
+    _threads(args)
+    overrides = {k: v for k, v in vars(args).items() if k in _spec_keys()}
+    if "data" in overrides:
+        overrides["task"] = None
+    result = eval_run(args.adapter, overrides, split=args.split)
+    scores = result[args.split]
+    print(f"{result['method']} ({args.adapter}) on {result['model']}, task {result['task']}, {args.split} split:")
+    for key, value in scores.items():
+        print(f"  {key:<20} {value:.4f}" if isinstance(value, float) else f"  {key:<20} {value}")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .train.compare import run_compare, weight_methods
+    from .train.run import UsageError
+
+    _threads(args)
+    common = {k: v for k, v in vars(args).items() if k in _spec_keys() and k not in ("method", "options", "seed", "lr")}
+    if "data" in common and "task" in common:
+        raise UsageError("give either --task or --data, not both")
+    if "data" in common:
+        common["task"] = None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods == ["all"]:
+        methods = weight_methods()
+    lr: dict[str, float] = {}
+    for item in args.lr or []:
+        key, sep, value = item.rpartition("=")
+        try:
+            lr[key if sep else "*"] = float(value)
+        except ValueError:
+            raise UsageError(f"--lr takes a number or NAME=number (NAME a method or family), got {item!r}") from None
+    options: dict[str, dict] = {}
+    for key, value in _parse_sets(args.set or []).items():
+        method, dot, option = key.partition(".")
+        if not dot:
+            raise UsageError(f"compare's --set takes method.key=value (e.g. lora.r=16), got {key!r}")
+        options.setdefault(method, {})[option] = value
+    label = common.get("task") or "data"
+    out = args.out or f"runs/compare/{label}"
+    seeds = list(range(args.seeds)) if args.seed_list is None else [int(s) for s in args.seed_list.split(",")]
+    import shlex
+
+    command = "subpeft " + shlex.join(args.argv)
+    results = run_compare(methods, common, out, seeds=seeds, lr=lr, options=options, in_process=args.in_process,
+                          resume=args.resume, threads=args.threads, command=command,
+                          echo=(lambda s: None) if args.quiet else print)
+    from .train.compare import markdown
+
+    print(markdown(results))
+    print(f"wrote {out}/results.md, results.json, results.png ({results['wall_seconds']:.0f} s)")
+    return 0
+
+
+def _add_train_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train a method on a task (default: LoRA, MiniLM, tweets)")
+    p.add_argument("--method", default=_S, help="a registered method (see 'subpeft methods') or a baseline: full, "
+                   "head, untrained (default lora)")
+    p.add_argument("--config", help="JSON file of method options (may name the method)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option, e.g. --set r=16 "
+                   "(values are JSON: --set targets='[\"query\",\"value\"]'); repeatable")
+    p.add_argument("--spec", help="a run.json of an earlier run to repeat (other options override it)")
+    _data_options(p)
+    _run_options(p)
+    p.add_argument("--lr", type=float, default=_S, help="peak learning rate (default: by family, see DEFAULT_LR)")
+    p.add_argument("--seed", type=int, default=_S, help="seed of the split, head and adapter init, batch order")
+    p.add_argument("--eval-every", type=int, default=_S, help="evaluate on dev every N steps, keep the best in DIR/best")
+    p.add_argument("--load-best-at-end", action="store_true", default=_S, help="end with the best dev checkpoint")
+    p.add_argument("--save-every", type=int, default=_S, help="write the resumable checkpoint every N steps "
+                   "(default 200; also written at the end and on Ctrl-C)")
+    p.add_argument("--eval-before", action="store_true", default=_S, help="also score the untrained model")
+    p.add_argument("--no-save", dest="save", action="store_false", default=_S, help="do not write the final adapter")
+    p.add_argument("--quantize", choices=["nf4"], default=_S, help="4-bit base model (QLoRA; needs subpeft.quant)")
+    p.add_argument("--out", help="output folder (default runs/<method>-<task>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    p = sub.add_parser("eval", help="the metrics of a saved adapter")
+    p.add_argument("--adapter", required=True, help="adapter folder written by 'subpeft train'")
+    _data_options(p)
+    p.add_argument("--split", choices=["train", "dev", "test"], default="test", help="split to score (default test)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", help="also write the result to this JSON file")
+
+    p = sub.add_parser("compare", help="several methods and the baselines on one task: table, JSON, plot")
+    p.add_argument("--methods", required=True, help="comma-separated method names, or 'all' (every weight method)")
+    _data_options(p)
+    _run_options(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--seed-list", help="explicit seeds, e.g. 0,5,7 (instead of --seeds)")
+    p.add_argument("--lr", action="append", metavar="[NAME=]X", help="learning rate for all, or for a method or "
+                   "family (repeatable): --lr extension=1e-3 --lr ia3=1e-2")
+    p.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="a method option, e.g. lora.r=16")
+    p.add_argument("--out", help="output folder (default runs/compare/<task>)")
+    p.add_argument("--in-process", action="store_true", help="run every training in this process (faster start; "
+                   "memory figures then not per run)")
+    p.add_argument("--resume", action="store_true", help="skip runs that already wrote metrics.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="subpeft", description="Parameter-efficient fine-tuning, the subspace view.")
@@ -162,15 +451,20 @@ def main(argv: list[str] | None = None) -> int:
     p_an.add_argument("--base", default="minilm", help="base model: 'minilm' (default) or 'module:factory'")
     p_an.add_argument("--top", type=int, default=8, help="task-specific directions per layer (default 8)")
     p_an.add_argument("--no-plots", action="store_true", help="with --out, write report.json only")
+    _add_train_parsers(sub)
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 
         return demo_main(argv[1:]) or 0
     args = parser.parse_args(argv)
+    args.argv = list(argv)
     if args.command == "methods":
         return _methods(args)
     if args.command == "analyze":
         return _analyze(args)
+    handler = {"train": _train, "eval": _eval, "compare": _compare}.get(args.command)
+    if handler is not None:
+        return _guarded(handler, args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -15,16 +15,93 @@ routes ``forward`` and ``generate`` through the active one:
 that trains in another form than it keeps (prefix tuning's reparametrisation MLP) returns the kept
 form there, and a module built from that saved config must hold exactly those tensors (they are
 loaded into ``file_state()``'s tensors in place).
+
+How the inputs are changed (one definition for every prompt-kind method, see :meth:`PromptAdapter.rewrite`)
+---------------------------------------------------------------------------------------------------------
+With ``p`` virtual tokens and ``n`` real tokens in a call:
+
+- *Input prompts* (``virtual_embeddings``): the ``p`` prompt vectors go **before** the real tokens
+  (before ``[CLS]`` / ``<s>``), as in Hugging Face PEFT; the attention mask gets ``p`` ones in front,
+  ``token_type_ids`` get ``p`` zeros in front.
+- *Prefixes* (``virtual_kv``): every layer's self-attention gets ``p`` extra keys and values in front,
+  through the model's own KV cache (a ``DynamicCache`` pre-filled with them, exactly what the model
+  would hold had it already seen ``p`` tokens); the attention mask gets ``p`` ones in front.
+- **Positions** count the attended tokens, virtual ones first: virtual tokens (or prefix slots)
+  take positions ``0..p-1`` and the real tokens ``p, p+1, ...`` counted over the attention mask. So a
+  row gives the same outputs whether it is padded on the left, on the right or not at all (PEFT
+  counts pads too, so its left-padded rows differ from the unpadded ones; for unpadded and
+  right-padded inputs the two definitions agree). Explicit ``position_ids`` are taken as the real
+  tokens' positions and shifted by ``p``.
+- **Outputs** are in the caller's terms: logits and hidden states of the virtual positions are dropped,
+  so ``out.logits`` has one row per real token (``(batch, n, vocab)``), aligned with ``input_ids``
+  and ``labels`` (PEFT returns ``p + n`` rows). Attention maps (``output_attentions``) keep the virtual
+  positions.
+- **Labels** keep their meaning: token-level labels get ``-100`` for the virtual positions, and for a
+  causal LM the first real token (which a virtual position would predict) is not a target either, so
+  ``out.loss`` is computed over exactly the (context, next token) pairs of the base model's loss:
+  ``out.loss == cross_entropy(out.logits[:, :-1], labels[:, 1:])``. PEFT adds the first real token
+  as a target; the two losses agree whenever ``labels[:, 0] == -100``. Sequence-level labels are
+  passed through.
+- **The KV cache**: a cache that a routed call fills holds the ``p`` virtual entries first. A call
+  that passes a non-empty ``past_key_values`` (generation, or a caller's own incremental decoding
+  with a cache returned by an earlier call) is a continuation: its mask gets the ``p`` ones and its
+  positions the shift, and nothing is inserted again. ``generate`` therefore gives the same tokens
+  with and without ``use_cache``, and returns the caller's input ids followed by the new ids.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .errors import SubpeftError
+
+IGNORE_INDEX = -100
+
+
+def cache_length(cache: Any) -> int:
+    """Number of tokens a KV cache already holds (0 for None or an empty cache)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    raise SubpeftError(
+        f"past_key_values of type {type(cache).__name__} is not a transformers Cache; prompt-kind adapters "
+        "need a Cache object (e.g. transformers.DynamicCache)"
+    )
+
+
+def fill_cache(cache: Any, layers_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Put per-layer prefix keys/values (each ``(batch, kv_heads, p, head_dim)``) into an empty cache."""
+    p = layers_kv[0][0].shape[-2]
+    positions = torch.arange(p, device=layers_kv[0][0].device)
+    for layer_idx, (k, v) in enumerate(layers_kv):
+        cache.update(k, v, layer_idx, {"cache_position": positions})
+    return cache
+
+
+def new_cache(model: nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=getattr(model, "config", None))
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
+
+
+def _is_sequence_level(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(("ForSequenceClassification", "ForMultipleChoice"))
 
 
 class PromptAdapter(nn.Module):
@@ -55,12 +132,52 @@ class PromptAdapter(nn.Module):
     def shared_file_key(cls, config: AdapterConfig, key: str) -> str:
         return "base_model.shared." + key
 
+    # -- what a method provides ------------------------------------------------------------------
+    @property
+    def num_virtual(self) -> int:
+        """p: virtual tokens (input prompts) or prefix slots (per-layer keys/values)."""
+        return int(self.config.num_virtual_tokens)
+
+    def virtual_embeddings(self, batch_size: int) -> torch.Tensor | None:
+        """Input prompts ``(batch, p, d_model)`` put before the real tokens' embeddings, or None."""
+        return None
+
+    def virtual_kv(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-layer prefix ``(key, value)``, each ``(batch, kv_heads, p, head_dim)``, or None."""
+        return None
+
     # -- routing the model's calls -------------------------------------------------------------
     def run(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        call = _bind(model.forward, args, kwargs)
+        call, finish = self.rewrite(model, call)
+        return finish(model(**call))
 
     def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} does not support generate()")
+        """``model.generate`` with every forward it makes routed through :meth:`rewrite`."""
+        if not hasattr(model, "generate"):
+            raise SubpeftError(f"{type(model).__name__} has no generate()")
+        own = model.__dict__.get("forward")
+        original = model.forward
+
+        @functools.wraps(original)
+        def routed(*a: Any, **k: Any) -> Any:
+            call, finish = self.rewrite(model, _bind(original, a, k))
+            return finish(original(**call))
+
+        model.forward = routed
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+
+    def rewrite(self, model: nn.Module, call: dict[str, Any]) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+        """The model call with this adapter's virtual tokens put in, and the function that puts its
+        output back in the caller's terms (see the module docstring for the definition)."""
+        return rewrite_call(model, call, self.num_virtual, self.virtual_embeddings, self.virtual_kv,
+                            name=type(self).__name__)
 
     # -- saving --------------------------------------------------------------------------------
     def file_state(self) -> dict[str, torch.Tensor]:
@@ -79,3 +196,180 @@ class PromptAdapter(nn.Module):
     def finalize(self) -> AdapterConfig | None:
         """End of training; returns a new config when the adapter's form changed (None: unchanged)."""
         return None
+
+
+def rewrite_call(
+    model: nn.Module,
+    call: dict[str, Any],
+    num_virtual: int,
+    prompts: Callable[[int], torch.Tensor | None] | None = None,
+    prefix: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None,
+    name: str = "prompt-kind adapter",
+) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+    """One model call (keyword arguments) with p = ``num_virtual`` virtual tokens put in.
+
+    ``prompts(batch)`` gives input prompts ``(batch, p, d_model)`` and/or ``prefix(batch)`` per-layer
+    ``(key, value)`` pairs ``(batch, kv_heads, p, head_dim)``; either may be None. Returns the call to
+    make and the function that puts its output back in the caller's terms. The definition (masks,
+    positions, labels, outputs, cache continuation) is in this module's docstring. Reusable by any
+    method that adds virtual tokens or prefixes (UniPELT's prefix, e.g. from a forward pre-hook).
+    """
+    call = dict(call)
+    ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        raise SubpeftError(f"{name} needs input_ids or inputs_embeds")
+    batch, n = ref.shape[0], ref.shape[1]
+    p = int(num_virtual)
+    device = ref.device
+    past = call.get("past_key_values")
+    seen = cache_length(past)
+    fresh = seen == 0
+    if not fresh and seen < p:
+        raise SubpeftError(
+            f"past_key_values holds {seen} tokens, fewer than the adapter's {p} virtual tokens: a cache passed "
+            "to a model with a prompt-kind adapter must come from an earlier call of that model"
+        )
+    virtual = (prompts(batch) if prompts is not None else None) if fresh else None
+    kv = (prefix(batch) if prefix is not None else None) if fresh else None
+    inserted = p if virtual is not None else 0  # virtual positions in this call's sequence
+
+    # attention mask: p ones in front of the caller's mask (which covers the cache and this call)
+    mask = call.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise SubpeftError(f"{name} needs a 2-D attention mask (batch, length); got shape {tuple(mask.shape)}")
+    if mask is None:
+        mask = torch.ones(batch, (seen - p if not fresh else 0) + n, dtype=torch.long, device=device)
+    full_mask = torch.cat([torch.ones(batch, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    call["attention_mask"] = full_mask
+
+    # positions: virtual 0..p-1, real tokens p.. counted over the mask (or the caller's + p)
+    positions = call.get("position_ids")
+    if positions is not None:
+        positions = positions + p
+        if inserted:
+            front = torch.arange(p, device=positions.device).expand(positions.shape[0], p)
+            positions = torch.cat([front, positions], dim=1)
+        call["position_ids"] = positions
+    elif _takes(model, "position_ids"):
+        counted = full_mask.long().cumsum(-1) - 1
+        call["position_ids"] = counted.clamp(min=0)[:, -(n + inserted):]
+    _check_positions(model, call.get("position_ids"), p)
+
+    if inserted:
+        types = call.get("token_type_ids")
+        if types is not None:
+            zeros = torch.zeros(types.shape[0], p, dtype=types.dtype, device=types.device)
+            call["token_type_ids"] = torch.cat([zeros, types], dim=1)
+        labels = call.get("labels")
+        if labels is not None and labels.dim() >= 2 and labels.shape[1] == n and not _is_sequence_level(model):
+            pad = torch.full((labels.shape[0], p, *labels.shape[2:]), IGNORE_INDEX, dtype=labels.dtype,
+                             device=labels.device)
+            labels = torch.cat([pad, labels], dim=1)
+            if _is_causal_lm(model):
+                labels[:, p] = IGNORE_INDEX  # the first real token would be predicted by a virtual one
+            call["labels"] = labels
+        if embeds is None:
+            embeds = model.get_input_embeddings()(ids)
+        call["inputs_embeds"] = torch.cat([virtual.to(embeds.dtype), embeds], dim=1)
+        call["input_ids"] = None
+    created = kv is not None and past is None  # a cache made here only to carry the prefix
+    if kv is not None:
+        dtype = _cache_dtype(model)
+        kv = [(k.to(dtype), v.to(dtype)) for k, v in kv]
+        call["past_key_values"] = fill_cache(past if past is not None else new_cache(model), kv)
+
+    as_tuple = call.get("return_dict") is False
+    if as_tuple:
+        call["return_dict"] = True
+
+    def finish(out: Any) -> Any:
+        if inserted:
+            out = _drop_virtual(out, n)
+        if created and call.get("use_cache") is False and hasattr(out, "keys") and "past_key_values" in out.keys():
+            out["past_key_values"] = None  # the caller asked for no cache: do not hand back the prefix carrier
+        if as_tuple and hasattr(out, "to_tuple"):
+            out = out.to_tuple()
+        return out
+
+    return call, finish
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """Size of a learned absolute position table (BERT's, GPT-2's), or None (rotary, relative)."""
+    base = getattr(model, "base_model", model)
+    for holder, name in ((getattr(base, "embeddings", None), "position_embeddings"), (base, "wpe")):
+        table = getattr(holder, name, None) if holder is not None else None
+        if isinstance(table, nn.Embedding):
+            return table.num_embeddings
+    return None
+
+
+def _check_positions(model: nn.Module, positions: torch.Tensor | None, p: int) -> None:
+    limit = _position_limit(model) if positions is not None and positions.numel() else None
+    if limit is not None and int(positions.max()) >= limit:
+        raise SubpeftError(
+            f"{p} virtual tokens + the real tokens need position {int(positions.max())}, but the model has "
+            f"{limit} position embeddings: shorten the input or use fewer virtual tokens"
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bind(fn: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional arguments of a model call turned into keywords (HF forwards take keywords)."""
+    if not args:
+        return dict(kwargs)
+    sig = _signature(fn)
+    if sig is None:
+        raise SubpeftError("prompt-kind adapters need keyword arguments (input_ids=..., attention_mask=...)")
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise SubpeftError("prompt-kind adapters need keyword arguments beyond the model's named inputs")
+        else:
+            out[name] = value
+    return out
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    sig = _signature(model.forward)
+    return sig is not None and name in sig.parameters
+
+
+def _cache_dtype(model: nn.Module) -> torch.dtype:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
+
+
+def _drop_virtual(out: Any, n: int) -> Any:
+    """Keep only the last n (real) positions of per-token outputs."""
+
+    def cut(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.shape[1] > n:
+            return t[:, t.shape[1] - n:]
+        return t
+
+    for field in ("logits", "last_hidden_state", "start_logits", "end_logits"):
+        value = out.get(field) if hasattr(out, "get") else None
+        if field in ("start_logits", "end_logits") and isinstance(value, torch.Tensor) and value.dim() == 2:
+            if value.shape[1] > n:
+                out[field] = value[:, value.shape[1] - n:]
+        elif value is not None:
+            out[field] = cut(value)
+    hidden = out.get("hidden_states") if hasattr(out, "get") else None
+    if isinstance(hidden, tuple):
+        out["hidden_states"] = tuple(cut(h) for h in hidden)
+    return out

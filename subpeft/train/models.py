@@ -202,3 +202,50 @@ def load_smollm2(*, cache_dir: str | os.PathLike | None = None, with_tokenizer: 
         tokenizer = AutoTokenizer.from_pretrained(str(target), local_files_only=True) if with_tokenizer else None
     model.eval()
     return (model, tokenizer) if with_tokenizer else model
+
+
+__all__ += ["load_folder", "smollm2_path"]
+
+
+def smollm2_path(*, cache_dir: str | os.PathLike | None = None) -> str:
+    """Folder of the dense SmolLM2-135M conversion (converted from the GGUF file on first use)."""
+    target = Path(cache_dir).expanduser() if cache_dir is not None else smollm2_cache_dir()
+    if not (target / "config.json").is_file():
+        _convert_smollm2(target)
+    return str(target)
+
+
+def load_folder(path: str | os.PathLike, kind: str, *, num_labels: int | None = None, seed: int = 0):
+    """Any local Hugging Face model folder: a sequence classifier with a fresh ``num_labels``-way head
+    (``kind="classification"``, head initialised from ``seed``) or a causal LM (``kind="generation"``).
+
+    A tokenizer without a pad token gets its end-of-sequence token as pad token (and the model's
+    config the same ``pad_token_id``, which decoder classifiers need to find the last token).
+    Returns ``(model, tokenizer)`` with the model in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = str(Path(path).expanduser())
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path!r} is not a Hugging Face model folder (no config.json)")
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if kind == "classification":
+            if num_labels is None or num_labels < 1:
+                raise ValueError(f"num_labels must be >= 1 for a classifier, got {num_labels}")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, local_files_only=True, pad_token_id=tokenizer.pad_token_id
+                )
+        elif kind == "generation":
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        else:
+            raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer

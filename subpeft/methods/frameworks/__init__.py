@@ -1,0 +1,1 @@
+"""Frameworks on top of methods: combinations of several methods in one model (UniPELT)."""

@@ -1,0 +1,496 @@
+"""The library's resumable training loop (used by ``subpeft train``).
+
+:class:`Trainer` runs AdamW with a linear warm-up/decay schedule, gradient accumulation and
+clipping on any :class:`~subpeft.train.workloads.Workload`, and calls the library's two training
+hooks: ``tuned.regularization()`` is added to every micro-batch's loss (divided by the
+accumulation steps, like the task loss) and ``tuned.step(global_step)`` runs after every optimizer
+step, before the gradients are cleared (AdaLoRA reads them). It can evaluate on the dev split every
+N steps and keep the best adapter, and it writes a checkpoint every N steps, at the end, and when
+interrupted (Ctrl-C: the current optimizer step finishes, the checkpoint is written, then
+:class:`TrainingInterrupted` is raised; a second Ctrl-C stops at once).
+
+A checkpoint (``<out>/checkpoints/last``) holds everything a run depends on: the adapter (every
+tensor, method state such as AdaLoRA's importance EMAs and LoRA-Dash's phase included) or, for a
+plain model, its trainable parameters; the optimizer and scheduler state; the torch, Python and
+NumPy RNG states; the data position (the batch order of every epoch is a permutation drawn from
+the seed and the epoch, so the position is one counter) and the run's history. Tensors are stored
+as safetensors and everything else as JSON (no pickle). Resuming from it continues bit for bit: on
+CPU with the same seed, the result equals the uninterrupted run's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .loop import _device_of, _to, linear_warmup_decay
+from .workloads import Workload
+
+__all__ = [
+    "ResumeError",
+    "TrainArgs",
+    "TrainState",
+    "Trainer",
+    "TrainingInterrupted",
+    "load_model_state",
+    "model_tensors",
+    "save_model_state",
+]
+
+TRAINABLE_NAME = "trainable.safetensors"
+STATE_NAME = "trainer_state.json"
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request (Ctrl-C); ``checkpoint`` is the folder to resume from (or None)."""
+
+    def __init__(self, step: int, checkpoint: str | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        where = f"; checkpoint saved in {checkpoint}" if checkpoint else " (no output folder: nothing saved)"
+        super().__init__(f"training interrupted after optimizer step {step}{where}")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed with these settings."""
+
+
+@dataclass
+class TrainArgs:
+    """Settings of one run. ``total_steps`` counts optimizer steps; each takes ``grad_accum``
+    micro-batches of ``batch_size`` examples."""
+
+    total_steps: int
+    lr: float = 1e-3
+    batch_size: int = 16
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int = 0  # evaluate on dev every N optimizer steps and keep the best (0: never)
+    save_every: int = 0  # write the checkpoint every N optimizer steps (0: only at the end / on Ctrl-C)
+    eval_batch_size: int = 64
+    load_best_at_end: bool = False
+    keep_checkpoint: bool = True  # keep checkpoints/last once training has finished
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "batch_size", "grad_accum", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    # settings a resumed run must share with the run that wrote the checkpoint
+    _FINGERPRINT = ("total_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_ratio",
+                    "max_grad_norm", "seed", "eval_every")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._FINGERPRINT}
+
+
+@dataclass
+class TrainState:
+    """The run's progress and history (saved as JSON in every checkpoint)."""
+
+    global_step: int = 0
+    micro: int = 0  # micro-batches consumed: the data position
+    losses: list[float] = field(default_factory=list)  # task loss per optimizer step
+    regularization: list[float] = field(default_factory=list)  # the hooks' term per optimizer step
+    learning_rates: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float | None = None
+    best_step: int | None = None
+    seconds: float = 0.0  # training time over all sessions of the run
+
+    def tail_loss(self, first: bool = False) -> float:
+        """Mean task loss over the first (or last) 10% of steps."""
+        if not self.losses:
+            return math.nan
+        k = max(1, len(self.losses) // 10)
+        part = self.losses[:k] if first else self.losses[-k:]
+        return sum(part) / len(part)
+
+
+# --------------------------------------------------------------------------- model state
+
+
+def _is_tuned(model: nn.Module) -> bool:
+    return hasattr(model, "adapter_state_dict") and getattr(model, "active_adapter", None) is not None
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live tensors a run changes: the active adapter's (file keys) or a plain model's trainable ones."""
+    if _is_tuned(model):
+        return model.adapter_state_dict(model.active_adapter)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic_write(path, save(payload, metadata=metadata))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def save_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
+    """A loadable adapter folder (TunedModel) or ``trainable.safetensors`` (a plain model's trainable tensors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if _is_tuned(model):
+        model.save_pretrained(str(directory), adapter_name=model.active_adapter)
+    else:
+        _save_tensors(directory / TRAINABLE_NAME, model_tensors(model), {"format": "pt"})
+
+
+def load_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copy the tensors saved by :func:`save_model_state` into ``model`` (same keys and shapes required)."""
+    directory = Path(directory)
+    if _is_tuned(model):
+        from ..core.io import read_tensors
+
+        saved, _ = read_tensors(directory)
+    else:
+        path = directory / TRAINABLE_NAME
+        if not path.is_file():
+            raise ResumeError(f"no {TRAINABLE_NAME} in {str(directory)!r}")
+        saved = _load_tensors(path)
+    live = model_tensors(model)
+    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    bad = [k for k in live if k in saved and saved[k].shape != live[k].shape]
+    if missing or unexpected or bad:
+        raise ResumeError(
+            f"the state in {str(directory)!r} does not fit this model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shape mismatches {bad[:3]}): was it written by another method or model?"
+        )
+    with torch.no_grad():
+        for k, v in live.items():
+            v.copy_(saved[k].to(v.dtype))
+
+
+# --------------------------------------------------------------------------- optimizer and RNG
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                          meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, key = flat.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = meta["param_groups"]
+    for saved, live in zip(groups, optimizer.param_groups, strict=True):
+        for key, value in live.items():  # JSON turned tuples (AdamW's betas) into lists
+            if isinstance(value, tuple) and isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_to_files() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    meta: dict[str, Any] = {"python": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return tensors, meta
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype("int64"))
+    meta["numpy"] = [name, int(pos), int(has_gauss), float(cached)]
+    return tensors, meta
+
+
+def _rng_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([v for _, v in cuda])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in meta:
+        import numpy as np
+
+        name, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((name, tensors["numpy"].numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Train ``model`` (a TunedModel, or a plain model whose trainable parameters have
+    ``requires_grad``) on ``workload``; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        workload: Workload,
+        args: TrainArgs,
+        out_dir: str | os.PathLike | None = None,
+        *,
+        log: Callable[[str], None] | None = None,
+        on_step: Callable[[Trainer, int], None] | None = None,
+    ) -> None:
+        if workload.num_train == 0:
+            raise ValueError("the training split is empty: nothing to train on")
+        self.model, self.workload, self.args = model, workload, args
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.log = log or (lambda msg: None)
+        self.on_step = on_step
+        self.state = TrainState()
+        self._stop = False
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": args.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr)
+        self.scheduler = linear_warmup_decay(
+            self.optimizer, int(round(args.warmup_ratio * args.total_steps)), args.total_steps
+        )
+        self.batches_per_epoch = math.ceil(workload.num_train / args.batch_size)
+        self._order_epoch, self._order = -1, []
+
+    # -- paths -------------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.out_dir / "checkpoints" / "last" if self.out_dir is not None else None
+
+    @property
+    def best_dir(self) -> Path | None:
+        return self.out_dir / "best" if self.out_dir is not None else None
+
+    def request_stop(self) -> None:
+        """Stop after the current optimizer step, writing the checkpoint (what Ctrl-C does)."""
+        self._stop = True
+
+    # -- data --------------------------------------------------------------------------------------
+    def _indices(self, micro: int) -> list[int]:
+        epoch, b = divmod(micro, self.batches_per_epoch)
+        if epoch != self._order_epoch:
+            gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(self.workload.num_train, generator=gen).tolist()
+            self._order_epoch = epoch
+        bs = self.args.batch_size
+        return self._order[b * bs : (b + 1) * bs]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/last`` atomically (a complete new folder replaces the old one)."""
+        assert self.checkpoint_dir is not None
+        final = self.checkpoint_dir
+        tmp = final.with_name(".last.tmp")
+        old = final.with_name(".last.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_state(self.model, tmp)
+        tensors, meta = _optimizer_to_files(self.optimizer)
+        _save_tensors(tmp / "optimizer.safetensors", tensors)
+        rng_tensors, rng_meta = _rng_to_files()
+        _save_tensors(tmp / "rng.safetensors", rng_tensors)
+        doc = {
+            "state": asdict(self.state),
+            "args": self.args.fingerprint(),
+            "optimizer": meta,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_meta,
+        }
+        _atomic_write(tmp / STATE_NAME, (json.dumps(doc) + "\n").encode())
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def find_checkpoint(self) -> Path | None:
+        """``checkpoints/last`` (or its predecessor, if a save was cut between two renames)."""
+        if self.checkpoint_dir is None:
+            return None
+        for path in (self.checkpoint_dir, self.checkpoint_dir.with_name(".last.old")):
+            if (path / STATE_NAME).is_file():
+                return path
+        return None
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore model, optimizer, scheduler, RNG and progress from a checkpoint folder."""
+        path = Path(path)
+        doc = json.loads((path / STATE_NAME).read_text())
+        saved, now = doc["args"], self.args.fingerprint()
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+        if diff:
+            raise ResumeError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diff)}). "
+                              "Resume with the original settings, or start a new run in another folder.")
+        load_model_state(self.model, path)
+        _optimizer_from_files(self.optimizer, _load_tensors(path / "optimizer.safetensors"), doc["optimizer"])
+        self.scheduler.load_state_dict(doc["scheduler"])
+        _rng_from_files(_load_tensors(path / "rng.safetensors"), doc["rng"])
+        self.state = TrainState(**doc["state"])
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _evaluate_dev(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            scores = self.workload.evaluate(self.model, "dev", batch_size=self.args.eval_batch_size, full=False)
+        score = scores[self.workload.metric]
+        self.state.evals.append({"step": self.state.global_step, **scores})
+        improved = self.workload.better(score, self.state.best_score)
+        if improved:
+            self.state.best_score, self.state.best_step = score, self.state.global_step
+            if self.best_dir is not None:
+                save_model_state(self.model, self.best_dir)
+                (self.best_dir / "best.json").write_text(json.dumps(self.state.evals[-1], indent=2) + "\n")
+        self.log(f"step {self.state.global_step}: dev {self.workload.metric} {score:.4f}"
+                 + (" (best so far)" if improved else f" (best {self.state.best_score:.4f} at step {self.state.best_step})"))
+
+    # -- training -------------------------------------------------------------------------------
+    def _sigint(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self._stop:
+            raise KeyboardInterrupt
+        self._stop = True
+        self.log("interrupted: finishing this optimizer step and saving a checkpoint (Ctrl-C again to quit now)")
+
+    def train(self, resume: bool = False) -> TrainState:
+        """Run until ``total_steps`` optimizer steps are done (continuing the saved run with ``resume``)."""
+        args, model, state = self.args, self.model, self.state
+        if resume:
+            path = self.find_checkpoint()
+            if path is None:
+                raise ResumeError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}; run without --resume")
+            self.load_checkpoint(path)
+            state = self.state
+            self.log(f"resumed from {path} at optimizer step {state.global_step} of {args.total_steps}")
+        else:
+            torch.manual_seed(args.seed)
+            random.seed(args.seed)
+        regularization = getattr(model, "regularization", None)
+        step_hook = getattr(model, "step", None)
+        if not callable(regularization) or not callable(step_hook):
+            regularization = step_hook = None
+        device = _device_of(model)
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._sigint)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.total_steps, initial=state.global_step, desc="train", unit="step",
+                   disable=not args.progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            while state.global_step < args.total_steps:
+                task_loss = reg_value = 0.0
+                for _ in range(args.grad_accum):
+                    batch = self.workload.train_batch(self._indices(state.micro))
+                    state.micro += 1
+                    loss = model(**_to(batch, device)).loss
+                    task_loss += loss.detach().item() / args.grad_accum
+                    if regularization is not None:
+                        reg = regularization()
+                        if torch.is_tensor(reg) and reg.requires_grad:
+                            loss = loss + reg
+                        reg_value += float(reg.detach() if torch.is_tensor(reg) else reg) / args.grad_accum
+                    (loss / args.grad_accum).backward()
+                if not math.isfinite(task_loss + reg_value):
+                    raise FloatingPointError(
+                        f"the loss became {task_loss + reg_value} at optimizer step {state.global_step + 1}; "
+                        f"try a lower learning rate (now {args.lr})"
+                    )
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
+                state.learning_rates.append(self.optimizer.param_groups[0]["lr"])
+                self.optimizer.step()
+                self.scheduler.step()
+                state.global_step += 1
+                if step_hook is not None:
+                    step_hook(state.global_step)  # gradients are still there (AdaLoRA reads them)
+                self.optimizer.zero_grad(set_to_none=True)
+                state.losses.append(task_loss)
+                state.regularization.append(reg_value)
+                bar.update(1)
+                if state.global_step % 10 == 0 or state.global_step == args.total_steps:
+                    recent = state.losses[-10:]
+                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
+                    self.log(f"step {state.global_step}: loss {sum(recent) / len(recent):.4f} "
+                             f"lr {state.learning_rates[-1]:.3g}" + (f" reg {reg_value:.4g}" if reg_value else ""))
+                if args.eval_every and state.global_step % args.eval_every == 0:
+                    self._evaluate_dev()
+                if self.on_step is not None:
+                    self.on_step(self, state.global_step)
+                done = state.global_step >= args.total_steps
+                if self._stop and not done:
+                    state.seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    path = self.save_checkpoint() if self.out_dir is not None else None
+                    raise TrainingInterrupted(state.global_step, str(path) if path else None)
+                if self.out_dir is not None and args.save_every and state.global_step % args.save_every == 0 \
+                        and not done:
+                    state.seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            model.eval()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        state.seconds += time.perf_counter() - start
+        if self.out_dir is not None and args.keep_checkpoint:
+            self.save_checkpoint()
+        if args.load_best_at_end and state.best_step is not None and state.best_step != state.global_step:
+            if self.best_dir is None:
+                raise ValueError("load_best_at_end needs an output folder (the best adapter is kept there)")
+            load_model_state(model, self.best_dir)
+            self.log(f"loaded the best adapter (step {state.best_step}, dev {self.workload.metric} "
+                     f"{state.best_score:.4f})")
+        return state
