@@ -139,17 +139,21 @@ class TunedModel(nn.Module):
                 module.adapters[adapter_name] = adapter_cls(
                     config, module.base_layer, module.layer_type, name=name, shared=shared
                 )
-            for name in find_modules_to_save(self.model, config.modules_to_save or []):
-                module = self.model.get_submodule(name)
-                if not isinstance(module, TrainableCopy):
-                    module = TrainableCopy(module)
-                    _set_submodule(self.model, name, module)
-                module.add(adapter_name)
+            self._add_copies(adapter_name, config)
         except BaseException:
             self._remove(adapter_name)
             raise
         self._freeze(adapter_name)
         self._apply_active()
+
+    def _add_copies(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Trainable copies of the config's ``modules_to_save`` (e.g. a fresh classification head)."""
+        for name in find_modules_to_save(self.model, config.modules_to_save or []):
+            module = self.model.get_submodule(name)
+            if not isinstance(module, TrainableCopy):
+                module = TrainableCopy(module)
+                _set_submodule(self.model, name, module)
+            module.add(adapter_name)
 
     def _add_prompt(self, adapter_name: str, config: AdapterConfig, prompt_cls: type) -> None:
         """A prompt-kind method (prompt/prefix tuning, P-tuning) is one module for the whole model,
@@ -158,6 +162,7 @@ class TunedModel(nn.Module):
         self.configs[adapter_name] = config
         try:
             self.shared[adapter_name] = prompt_cls(config, self.model)
+            self._add_copies(adapter_name, config)
         except BaseException:
             self._remove(adapter_name)
             raise
@@ -413,10 +418,12 @@ class TunedModel(nn.Module):
             state = shared.file_state() if hasattr(shared, "file_state") else shared.state_dict()
             for key, value in state.items():
                 out[adapter_cls.shared_file_key(config, key)] = value
+        # PEFT keys prompt-learning copies by the bare model ("base_model.classifier.weight")
+        copy_prefix = "base_model." if self._is_prompt(adapter_name) else FILE_PREFIX
         for name, wrapper in self._trainable_copies():
             if adapter_name in wrapper.copies:
                 for key, value in wrapper.copies[adapter_name].state_dict().items():
-                    out[f"{FILE_PREFIX}{name}.{key}"] = value
+                    out[f"{copy_prefix}{name}.{key}"] = value
         return out
 
     def _file_config(self, adapter_name: str) -> tuple[dict[str, Any], dict[str, str]]:
