@@ -3,8 +3,9 @@
     subpeft methods          the registered methods: family, kind, mergeable, parameter formula
     subpeft methods --markdown   the same as the Markdown table of the README
     subpeft demo [...]       the main job: LoRA on MiniLM on the tweet sentiment task
-    subpeft analyze DIR [--reference REF] [--out OUT] [--base minilm|module:factory] [--top K]
-                             what a saved adapter does to each weight (subpeft.analysis)
+    subpeft analyze DIR [DIR ...] [--reference REF] [--out OUT] [--base auto|minilm|smollm2|module:factory]
+                  [--top K]  what saved adapters do to each weight (subpeft.analysis); with several
+                             DIRs and a full fine-tune as REF, distance to it per layer and method
     subpeft train [--method NAME] [--config FILE.json] [--set key=value ...] [--model NAME|PATH]
                   [--task NAME | --data FILE] [--epochs N | --max-steps N] [--lr X] [--batch-size N]
                   [--seed N] [--out DIR] [--resume] ...
@@ -73,24 +74,42 @@ def _classifier_labels(directory: str) -> int | None:
 
 
 def _base_model(spec: str, directory: str):
-    """A fresh base model: "minilm" (the bundled MiniLM classifier, labels read from the adapter's
-    saved head, else 3) or "module:factory" (a callable returning the model)."""
+    """A fresh base model for the adapter in ``directory``. "auto": the model of the ``subpeft train`` run
+    that wrote it (its run.json), else MiniLM; "minilm" (the bundled MiniLM classifier, labels read from
+    the adapter's saved head, else 3); "smollm2"; or "module:factory" (a callable returning the model)."""
+    from pathlib import Path
+
+    if spec == "auto":
+        from .train.run import find_run_json, load_run_base
+
+        if find_run_json(Path(directory)) is not None:
+            return load_run_base(directory)[2]
+        spec = "minilm"
     if spec == "minilm":
         from .train.models import load_minilm_classifier
 
         return load_minilm_classifier(_classifier_labels(directory) or 3)[0]
+    if spec == "smollm2":
+        from .train.models import load_folder, smollm2_path
+
+        return load_folder(smollm2_path(), "generation")[0]
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"subpeft analyze: --base must be 'minilm' or 'module:factory', got {spec!r}")
+        raise SystemExit(f"subpeft analyze: --base must be 'auto', 'minilm', 'smollm2' or 'module:factory', got {spec!r}")
     import importlib
 
     factory = getattr(importlib.import_module(module_name), attr)
     return factory()
 
 
+#: weight files a reference directory may hold: save_pretrained's, or ``subpeft train --method full``'s
+_REFERENCE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.bin", "trainable.safetensors")
+
+
 def _load_reference(path: str, base: str):
-    """A fully fine-tuned reference: a weights file (.safetensors, .bin/.pt), a directory holding
-    one (Hugging Face save_pretrained), or an adapter directory (loaded on a fresh base and merged)."""
+    """A fully fine-tuned reference: a weights file (.safetensors, .bin/.pt), a directory holding one
+    (Hugging Face save_pretrained, or a ``subpeft train --method full`` run), or an adapter directory
+    (loaded on a fresh base and merged)."""
     import os
 
     import torch
@@ -101,12 +120,12 @@ def _load_reference(path: str, base: str):
 
             tuned = sp.load(_base_model(base, path), path)
             return tuned.merge_and_unload() if tuned.configs[tuned.active_adapter].mergeable else tuned.unload()
-        for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.bin"):
+        for name in _REFERENCE_FILES:
             if os.path.exists(os.path.join(path, name)):
                 path = os.path.join(path, name)
                 break
         else:
-            raise SystemExit(f"subpeft analyze: no model.safetensors or pytorch_model.bin in {path!r}")
+            raise SystemExit(f"subpeft analyze: no {' or '.join(_REFERENCE_FILES)} in {path!r}")
     if not os.path.exists(path):
         raise SystemExit(f"subpeft analyze: reference {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -114,7 +133,20 @@ def _load_reference(path: str, base: str):
 
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.state_dict() if hasattr(state, "state_dict") else state
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _labels(dirs: list[str], methods: list[str]) -> list[str]:
+    """One label per adapter: its method, or method/folder where two adapters share a method."""
+    import os
+
+    out = []
+    for d, m in zip(dirs, methods, strict=True):
+        folder = os.path.basename(os.path.normpath(d))
+        out.append(m if methods.count(m) == 1 else f"{m}/{folder}")
+    if len(set(out)) < len(out):  # the same method in folders of the same name
+        out = [f"{label}#{i + 1}" for i, label in enumerate(out)]
+    return out
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -124,36 +156,75 @@ def _analyze(args: argparse.Namespace) -> int:
     import subpeft as sp
     from subpeft import analysis
 
-    if not os.path.exists(os.path.join(args.dir, "adapter_config.json")):
-        raise SystemExit(f"subpeft analyze: {args.dir!r} is not an adapter directory (no adapter_config.json)")
-    start = time.perf_counter()
-    tuned = sp.load(_base_model(args.base, args.dir), args.dir)
+    for d in args.dirs:
+        if not os.path.exists(os.path.join(d, "adapter_config.json")):
+            raise SystemExit(f"subpeft analyze: {d!r} is not an adapter directory (no adapter_config.json)")
     reference = _load_reference(args.reference, args.base) if args.reference else None
-    rows = analysis.report(tuned, reference=reference, top=args.top)
-    elapsed = time.perf_counter() - start
-    print(f"adapter {args.dir}: {rows.method}, {len(rows)} adapted layers ({elapsed:.1f} s)")
-    print(rows.to_table())
-    summary = rows.summary()
+    reports, methods = [], []
+    for d in args.dirs:
+        start = time.perf_counter()
+        tuned = sp.load(_base_model(args.base, d), d)
+        rows = analysis.report(tuned, reference=reference, top=args.top)
+        elapsed = time.perf_counter() - start
+        reports.append(rows)
+        methods.append(rows.method or "adapter")
+        print(f"adapter {d}: {rows.method}, {len(rows)} adapted layers ({elapsed:.1f} s)")
+        print(rows.to_table())
+        _print_summary(rows.summary(), args.top)
+        del tuned
+    labels = _labels(args.dirs, methods)
+    several = len(reports) > 1
+    if several:
+        print()
+        print(_summary_table(labels, reports))
+    if not args.out:
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    plots = not args.no_plots
+    for label, rows in zip(labels, reports, strict=True):
+        out = os.path.join(args.out, label.replace("/", "_")) if several else args.out
+        os.makedirs(out, exist_ok=True)
+        rows.to_json(os.path.join(out, "report.json"))
+        print(f"wrote {os.path.join(out, 'report.json')}")
+        if plots:
+            try:
+                files = analysis.plot_report(rows, out, label=label)
+            except ImportError as exc:
+                print(f"no plots: {exc}", file=sys.stderr)
+                plots = False
+            else:
+                print(f"wrote {len(files)} plots under {out}")
+    if plots and several and reference is not None:
+        path = analysis.plot_distances(dict(zip(labels, reports, strict=True)),
+                                       os.path.join(args.out, "distance_by_method.png"))
+        print(f"wrote {path}")
+    return 0
+
+
+def _print_summary(summary: dict, top: int) -> None:
     if "mean_quantile" in summary:
         print(
-            f"top-{args.top} change-rate directions per layer: mean spectrum quantile {summary['mean_quantile']:.2f} "
+            f"top-{top} change-rate directions per layer: mean spectrum quantile {summary['mean_quantile']:.2f} "
             f"(0 = largest σ, 1 = smallest), {100 * summary['fraction_in_top_10pct']:.0f}% in the top 10%, "
             f"{100 * summary['fraction_in_bottom_10pct']:.0f}% in the bottom 10%"
         )
     if "mean_distance_to_reference" in summary:
         print(f"mean distance to the reference: {summary['mean_distance_to_reference']:.3f} (0 = reached it, 1 = untouched)")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        rows.to_json(os.path.join(args.out, "report.json"))
-        print(f"wrote {os.path.join(args.out, 'report.json')}")
-        if not args.no_plots:
-            try:
-                files = analysis.plot_report(rows, args.out, label=os.path.basename(os.path.normpath(args.dir)))
-            except ImportError as exc:
-                print(f"no plots: {exc}", file=sys.stderr)
-            else:
-                print(f"wrote {len(files)} plots under {args.out}")
-    return 0
+
+
+def _summary_table(labels: list[str], reports: list) -> str:
+    """One line per adapter: layers, mean ‖ΔW‖/‖W‖, where its top directions sit, distance to the reference."""
+    lines = ["| adapter | layers | mean ‖ΔW‖/‖W‖ | mean quantile of top directions | in bottom 10% | "
+             "mean distance to reference |", "|---|---|---|---|---|---|"]
+    for label, rows in zip(labels, reports, strict=True):
+        s = rows.summary()
+        rel = [r.relative_delta_norm for r in rows if r.relative_delta_norm is not None]
+        cells = [label, str(len(rows)), f"{sum(rel) / len(rel):.4f}" if rel else "-",
+                 f"{s['mean_quantile']:.2f}" if "mean_quantile" in s else "-",
+                 f"{100 * s['fraction_in_bottom_10pct']:.0f}%" if "fraction_in_bottom_10pct" in s else "-",
+                 f"{s['mean_distance_to_reference']:.3f}" if "mean_distance_to_reference" in s else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- train / eval / compare
@@ -445,10 +516,16 @@ def main(argv: list[str] | None = None) -> int:
     p_methods.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
     sub.add_parser("demo", help="run the main job (LoRA on MiniLM, tweet sentiment)", add_help=False)
     p_an = sub.add_parser("analyze", help="what a saved adapter does to each weight (change rates, spectra)")
-    p_an.add_argument("dir", help="adapter directory saved by subpeft (or Hugging Face PEFT)")
-    p_an.add_argument("--reference", help="fully fine-tuned weights: a directory (save_pretrained or adapter) or a file")
-    p_an.add_argument("--out", help="directory for report.json and PNG plots")
-    p_an.add_argument("--base", default="minilm", help="base model: 'minilm' (default) or 'module:factory'")
+    p_an.add_argument("dirs", nargs="+", metavar="DIR",
+                      help="adapter directories saved by subpeft (e.g. subpeft train's --out) or Hugging Face PEFT; "
+                           "several are compared (e.g. one per method)")
+    p_an.add_argument("--reference", help="fully fine-tuned weights: a directory (save_pretrained, a "
+                                          "'subpeft train --method full' run, or an adapter) or a weights file")
+    p_an.add_argument("--out", help="directory for report.json and PNG plots (one sub-folder per adapter when "
+                                    "several, and distance_by_method.png with a reference)")
+    p_an.add_argument("--base", default="auto",
+                      help="base model: 'auto' (default: the model named by the run.json that subpeft train wrote "
+                           "beside the adapter, else minilm), 'minilm', 'smollm2' or 'module:factory'")
     p_an.add_argument("--top", type=int, default=8, help="task-specific directions per layer (default 8)")
     p_an.add_argument("--no-plots", action="store_true", help="with --out, write report.json only")
     _add_train_parsers(sub)

@@ -30,6 +30,7 @@ __all__ = [
     "distance_to_reference",
     "effective_rank",
     "optimal_scale",
+    "plot_distances",
     "plot_report",
     "principal_angles",
     "project",
@@ -43,5 +44,13 @@ __all__ = [
 def plot_report(*args, **kwargs):  # noqa: ANN002, ANN003
     """PNG plots of a report (see :func:`subpeft.analysis.plots.plot_report`); imports matplotlib lazily."""
     from .plots import plot_report as _plot
+
+    return _plot(*args, **kwargs)
+
+
+def plot_distances(*args, **kwargs):  # noqa: ANN002, ANN003
+    """Distance to the reference per layer, one line per labelled report (see
+    :func:`subpeft.analysis.plots.plot_distances`); imports matplotlib lazily."""
+    from .plots import plot_distances as _plot
 
     return _plot(*args, **kwargs)

@@ -48,6 +48,7 @@ __all__ = [
     "UsageError",
     "default_lr",
     "eval_run",
+    "load_run_base",
     "train_run",
 ]
 
@@ -257,13 +258,10 @@ def load_base(spec: RunSpec, task: Task | PairTask):
 
 
 def _quantize(model: nn.Module, scheme: str) -> tuple[nn.Module, int]:
-    """HOOK (issue 6): the base model's linear layers in 4 bits (QLoRA) via ``subpeft.quant.quantize``,
-    before the method is attached. Returns the model and the number of 4-bit layers."""
-    try:
-        from ..quant import is_quantized, quantize  # type: ignore[attr-defined]
-    except ImportError:
-        raise UsageError(f"--quantize {scheme} needs subpeft.quant (QLoRA, issue 6), which this version of subpeft "
-                         "does not have yet") from None
+    """The base model's linear layers in 4 bits (QLoRA, :func:`subpeft.quant.quantize`), before the
+    method is attached. Returns the model and the number of 4-bit layers."""
+    from ..quant import is_quantized, quantize
+
     try:
         quantize(model, 4, quant_type=scheme)
     except ImportError as exc:  # bitsandbytes missing: the message names the pip command
@@ -486,6 +484,35 @@ def find_run_json(directory: Path) -> Path | None:
     return None
 
 
+def load_run_base(directory: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
+                  need_dev: bool = False) -> tuple[RunSpec, Task | PairTask, nn.Module, Any]:
+    """The spec, task and fresh base model (and tokenizer) of the run that wrote ``directory``, read from
+    the ``run.json`` beside it (or above it), with ``overrides`` (keys of :class:`RunSpec`) applied; the
+    base is quantised as the run's was, so that an adapter trained on a 4-bit base sees that base."""
+    directory = Path(directory)
+    run_json = find_run_json(directory)
+    data = json.loads(run_json.read_text()) if run_json else {}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "data" in overrides:
+        data["task"] = None
+    if not run_json and "task" not in overrides and "data" not in overrides:
+        raise UsageError(f"no run.json near {str(directory)!r} (not written by subpeft train): name the task "
+                         "(--task or --data) and the model (--model)")
+    spec = RunSpec.from_dict({**data, **overrides})
+    if (directory / "adapter_config.json").is_file():
+        from ..core.io import read_config
+
+        method = read_config(directory).get("method")
+        if method:
+            spec.method = method
+    spec.check()
+    task = build_task(spec, need_dev=need_dev)
+    model, tokenizer = load_base(spec, task)
+    if spec.quantize:
+        model, _ = _quantize(model, spec.quantize)
+    return spec, task, model, tokenizer
+
+
 def eval_run(adapter_dir: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
              split: str = "test") -> dict[str, Any]:
     """The metrics of a saved adapter (or baseline folder) on ``split``, with the run's own model and task
@@ -497,24 +524,7 @@ def eval_run(adapter_dir: str | os.PathLike, overrides: dict[str, Any] | None = 
     has_trainable = (directory / "trainable.safetensors").is_file()
     if not directory.is_dir() or not (has_adapter or has_trainable):
         raise UsageError(f"{str(directory)!r} holds no adapter (adapter_config.json) and no trainable.safetensors")
-    run_json = find_run_json(directory)
-    data = json.loads(run_json.read_text()) if run_json else {}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "data" in overrides:
-        data["task"] = None
-    if not run_json and "task" not in overrides and "data" not in overrides:
-        raise UsageError(f"no run.json near {str(directory)!r} (not written by subpeft train): name the task "
-                         "(--task or --data) and the model (--model)")
-    spec = RunSpec.from_dict({**data, **overrides})
-    if has_adapter:
-        from ..core.io import read_config
-
-        method = read_config(directory).get("method")
-        if method:
-            spec.method = method
-    spec.check()
-    task = build_task(spec) if split != "dev" else build_task(spec, need_dev=True)
-    model, tokenizer = load_base(spec, task)
+    spec, task, model, tokenizer = load_run_base(directory, overrides, need_dev=split == "dev")
     if has_adapter:
         model = sp.load(model, str(directory))
     else:

@@ -101,3 +101,44 @@ def test_classifier_labels_read_from_saved_head(tmp_path):
     tuned = sp.attach(WithClassifier(), sp.LoRA(r=1, targets=["body"]))
     tuned.save_pretrained(tmp_path / "b")
     assert _classifier_labels(str(tmp_path / "b")) is None
+
+
+def test_analyze_several_adapters_against_a_full_finetune_run(saved, capsys):
+    """Two LoRA adapters (ΔW = D and 2·D) against a reference W + 2·D saved as a 'subpeft train --method
+    full' run folder would save it (trainable.safetensors): distances 0.5 and 0, one folder each, and the
+    distance plot across adapters."""
+    tuned = sp.load(seeded_mlp(), saved / "adapter", trainable=True)
+    with torch.no_grad():
+        for _, adapter in tuned.adapters_of("default"):
+            adapter.lora_B.mul_(2)
+    tuned.save_pretrained(saved / "double" / "adapter")
+    (saved / "fullrun").mkdir()
+    (saved / "full" / "model.safetensors").rename(saved / "fullrun" / "trainable.safetensors")
+    out = saved / "cmp"
+    code = main(["analyze", str(saved / "adapter"), str(saved / "double" / "adapter"), "--base", BASE,
+                 "--reference", str(saved / "fullrun"), "--out", str(out), "--top", "2"])
+    assert code == 0
+    text = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| lora/")}
+    assert set(table) == {"lora/adapter#1", "lora/adapter#2"}  # same method, same folder name: numbered
+    assert table["lora/adapter#1"].rstrip(" |").endswith("0.500")
+    assert table["lora/adapter#2"].rstrip(" |").endswith("0.000")
+    for label, expected in (("lora_adapter#1", 0.5), ("lora_adapter#2", 0.0)):
+        data = json.loads((out / label / "report.json").read_text())
+        assert [layer["distance_to_reference"] for layer in data["layers"]] == pytest.approx([expected] * 2, abs=1e-5)
+    pytest.importorskip("matplotlib")
+    assert (out / "distance_by_method.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "lora_adapter#1" / "overview.png").exists()
+
+
+def test_labels_name_the_method_and_the_folder_only_when_needed():
+    from subpeft.cli import _labels
+
+    assert _labels(["a/x", "b/y"], ["lora", "dora"]) == ["lora", "dora"]
+    assert _labels(["a/x", "b/y", "c"], ["lora", "lora", "ia3"]) == ["lora/x", "lora/y", "ia3"]
+
+
+def test_reference_directory_without_weights_is_a_clear_error(saved, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="trainable.safetensors"):
+        main(["analyze", str(saved / "adapter"), "--base", BASE, "--reference", str(tmp_path / "empty")])
