@@ -37,6 +37,9 @@ class Adapter(nn.Module):
     formula: ClassVar[str] = ""  # trainable numbers per adapted layer, e.g. "r·(d_in + d_out)"
     trains: ClassVar[str] = ""  # what trains, in a few words, e.g. "low-rank factors A, B"
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    #: the method rewrites the model call itself (UniPELT's prefix), so it cannot run together with a
+    #: prompt-kind adapter, which rewrites the same call
+    rewrites_calls: ClassVar[bool] = False
 
     def __init__(
         self, config: AdapterConfig, base_layer: nn.Module, layer_type: str, *, name: str = "",

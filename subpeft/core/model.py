@@ -179,7 +179,15 @@ class TunedModel(nn.Module):
         found = [n for n in self.active_adapters if self._is_prompt(n)]
         if len(found) > 1:
             raise SubpeftError(f"only one prompt-kind adapter can be active at a time; active: {found}")
-        return self.shared[found[0]] if found else None
+        if not found:
+            return None
+        clash = [n for n in self.active_adapters if getattr(method_for_config(self.configs[n]).adapter_cls, "rewrites_calls", False)]
+        if clash:
+            raise SubpeftError(
+                f"the prompt-kind adapter {found[0]!r} cannot run together with {clash}, which brings its own "
+                f"prefix: activate one of them (tuned.set_adapter(...))"
+            )
+        return self.shared[found[0]]
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active and trainable; every other adapter is frozen and inactive."""

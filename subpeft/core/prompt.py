@@ -148,7 +148,7 @@ class PromptAdapter(nn.Module):
 
     # -- routing the model's calls -------------------------------------------------------------
     def run(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        call = _bind(model.forward, args, kwargs)
+        call = bind_call(model.forward, args, kwargs)
         call, finish = self.rewrite(model, call)
         return finish(model(**call))
 
@@ -161,7 +161,7 @@ class PromptAdapter(nn.Module):
 
         @functools.wraps(original)
         def routed(*a: Any, **k: Any) -> Any:
-            call, finish = self.rewrite(model, _bind(original, a, k))
+            call, finish = self.rewrite(model, bind_call(original, a, k))
             return finish(original(**call))
 
         model.forward = routed
@@ -322,7 +322,7 @@ def _signature(fn: Callable) -> inspect.Signature | None:
         return None
 
 
-def _bind(fn: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+def bind_call(fn: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Positional arguments of a model call turned into keywords (HF forwards take keywords)."""
     if not args:
         return dict(kwargs)

@@ -198,3 +198,21 @@ def test_unsupported_architecture_and_explicit_targets_are_clear_errors():
         sp.attach(gpt2, UniPELT())
     with pytest.raises(ConfigError, match="leave targets unset"):
         sp.attach(tiny_bert(), UniPELT(targets=["query"]))
+
+
+def test_a_prompt_adapter_and_unipelt_cannot_run_together_but_each_runs_alone():
+    tuned = attach("llama")
+    x = batch()
+    with torch.no_grad():
+        alone = tuned(**x).logits
+    tuned.add_adapter("prompt", sp.PromptTuning(num_virtual_tokens=2))
+    tuned.set_adapter(["default", "prompt"])
+    with pytest.raises(SubpeftError, match="cannot run together"):
+        tuned(**x)
+    tuned.set_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(**x).logits, alone, rtol=0, atol=0)
+    tuned.set_adapter("prompt")
+    with torch.no_grad():
+        prompted = tuned(**x).logits
+    assert prompted.shape == alone.shape and not torch.allclose(prompted, alone)

