@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from . import analysis
 from .core.adapter import Adapter
+from .core.arch import Architecture, describe, register_architecture
 from .core.config import AdapterConfig
 from .core.errors import (
     AdapterLoadError,
@@ -31,6 +32,14 @@ from .methods.extension.lora import LoRA, LowRank
 from .methods.extension.parallel import ParallelAdapter
 from .methods.extension.trilora import TriLoRA
 from .methods.extension.vera import VeRA
+from .methods.frameworks.unipelt import UniPELT
+from .methods.modules.adamix import AdaMix
+from .methods.modules.houlsby import Houlsby
+from .methods.modules.pfeiffer import Pfeiffer
+from .methods.prompts.p_tuning import PTuning
+from .methods.prompts.p_tuning_v2 import PTuningV2
+from .methods.prompts.prefix import PrefixTuning
+from .methods.prompts.prompt_tuning import PromptTuning
 from .methods.reconstruction.bitfit import BitFit
 from .methods.reconstruction.diff_pruning import DiffPruning
 from .methods.reconstruction.ia3 import IA3
@@ -41,6 +50,17 @@ from .methods.reconstruction.ssl import SSL
 from .quant import load_quantized, quantize
 
 __all__ = [
+    "UniPELT",
+    "register_architecture",
+    "PTuningV2",
+    "PTuning",
+    "PromptTuning",
+    "PrefixTuning",
+    "Pfeiffer",
+    "Houlsby",
+    "describe",
+    "Architecture",
+    "AdaMix",
     "analysis",
     "AdaLoRA",
     "Adapter",

@@ -240,7 +240,7 @@ def _guarded(handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except (UsageError, SubpeftError, UnsupportedLayerError, DataFileError, MissingPackageError, ResumeError,
-            FileNotFoundError) as exc:
+            FileNotFoundError) as exc:  # AnalysisError is a SubpeftError
         print(f"subpeft {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -537,9 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv)
     if args.command == "methods":
         return _methods(args)
-    if args.command == "analyze":
-        return _analyze(args)
-    handler = {"train": _train, "eval": _eval, "compare": _compare}.get(args.command)
+    handler = {"analyze": _analyze, "train": _train, "eval": _eval, "compare": _compare}.get(args.command)
     if handler is not None:
         return _guarded(handler, args)
     parser.error(f"unknown command {args.command!r}")

@@ -1,0 +1,58 @@
+"""Tier 'real': `subpeft analyze` on adapters that `subpeft train` wrote for MiniLM on the tweets.
+
+A short LoRA run and a short full fine-tune of the same model and data; then the analysis of the LoRA
+adapter against the full fine-tune (the base model found from the run's run.json), and against itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from _real_marks import marks, minilm_tweets
+
+from subpeft.cli import main
+
+COMMON = ["--max-steps", "30", "--train-size", "480", "--test-size", "100", "--max-length", "64", "--quiet"]
+
+
+@marks(minilm_tweets)
+def test_analyze_lora_against_a_full_finetune(tmp_path, capsys):
+    lora, full, out = tmp_path / "lora", tmp_path / "full", tmp_path / "analysis"
+    assert main(["train", "--method", "lora", "--lr", "3e-3", "--out", str(lora), *COMMON]) == 0
+    assert main(["train", "--method", "full", "--out", str(full), *COMMON]) == 0
+    assert (full / "trainable.safetensors").is_file()
+    capsys.readouterr()
+
+    assert main(["analyze", str(lora), "--reference", str(full), "--out", str(out), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "lora, 12 adapted layers" in text  # query and value of 6 blocks (LoRA's default targets)
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert len(layers) == 12
+    for layer in layers:
+        d = layer["distance_to_reference"]
+        # 30 steps of LoRA (rank 8) do not reproduce full fine-tuning's update, nor point away from it
+        assert math.isfinite(d) and 0.2 < d < 1.5, (layer["layer"], d)
+        assert layer["delta_norm"] > 0 and 1 <= layer["effective_rank"] <= 8 + 1e-6
+        assert all(0 <= t["quantile"] <= 1 for t in layer["top"])
+
+    # the adapter as its own reference (loaded on a fresh base and merged): every distance is 0
+    assert main(["analyze", str(lora), "--reference", str(lora)]) == 0
+    assert "mean distance to the reference: 0.000" in capsys.readouterr().out
+
+
+@marks(minilm_tweets)
+def test_analyze_refuses_a_reference_of_another_model(tmp_path, capsys):
+    """A reference whose weights do not fit (here: a tiny file with the right key, wrong shape) is an error
+    that names the layer, not a silent number."""
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "lora"
+    assert main(["train", "--method", "lora", "--max-steps", "2", "--train-size", "32", "--test-size", "16",
+                 "--max-length", "32", "--out", str(lora), "--quiet"]) == 0
+    save_file({"bert.encoder.layer.0.attention.self.query.weight": torch.zeros(4, 4)}, str(tmp_path / "bad.safetensors"))
+    capsys.readouterr()
+    assert main(["analyze", str(lora), "--reference", str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "subpeft analyze: error:" in err and "layer.0.attention.self.query" in err and "(4, 4)" in err
