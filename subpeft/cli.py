@@ -431,9 +431,11 @@ def _compare(args: argparse.Namespace) -> int:
         raise UsageError("give either --task or --data, not both")
     if "data" in common:
         common["task"] = None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if methods == ["all"]:
-        methods = weight_methods()
+    methods = []
+    for m in (m.strip() for m in args.methods.split(",")):
+        for name in (weight_methods() if m == "all" else [m] if m else []):
+            if name not in methods:
+                methods.append(name)
     lr: dict[str, float] = {}
     for item in args.lr or []:
         key, sep, value = item.rpartition("=")
@@ -493,7 +495,8 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--json", help="also write the result to this JSON file")
 
     p = sub.add_parser("compare", help="several methods and the baselines on one task: table, JSON, plot")
-    p.add_argument("--methods", required=True, help="comma-separated method names, or 'all' (every weight method)")
+    p.add_argument("--methods", required=True, help="comma-separated method names; 'all' stands for every weight-space "
+                                                     "method (e.g. all,houlsby,prompt_tuning)")
     _data_options(p)
     _run_options(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")

@@ -287,3 +287,22 @@ def test_eval_every_keeps_the_best_and_can_end_with_it(tiny, tmp_path):
     final = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
     kept = load_file(str(tmp_path / "run" / "best" / "adapter_model.safetensors"))
     assert all(torch.equal(final[k], kept[k]) for k in final)
+
+
+def test_compare_expands_all_in_a_list(monkeypatch):
+    """'all' stands for every weight-space method, also inside a list; names are not repeated."""
+    import subpeft.train.compare as compare
+    from subpeft.cli import main as cli_main
+
+    seen = {}
+
+    def fake_run_compare(methods, common, out, **kw):
+        seen["methods"] = methods
+        return {"summary": [], "runs": [], "wall_seconds": 0.0}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run_compare)
+    monkeypatch.setattr(compare, "markdown", lambda results: "")
+    assert cli_main(["compare", "--methods", "lora,all,houlsby,lora", "--quiet"]) == 0
+    weight = compare.weight_methods()
+    assert seen["methods"] == ["lora"] + [m for m in weight if m != "lora"] + ["houlsby"]
+    assert "houlsby" not in weight and "prompt_tuning" not in weight and "dora" in weight
