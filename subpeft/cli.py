@@ -283,6 +283,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=_size, default=_S, help="training examples (default 6400; 0 or 'all': all)")
     p.add_argument("--dev-size", type=_size, default=_S, help="dev examples (default 1000; 0 or 'all': all)")
     p.add_argument("--max-new-tokens", type=int, default=_S, help="generation: greedy answer length (default 32)")
+    p.add_argument("--head-lr", type=float, default=_S, help="classification: the fresh head's peak learning "
+                   "rate, the same for every method (default 5e-3, the head-only baseline's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines on the terminal")
 

@@ -174,6 +174,7 @@ def markdown(results: dict[str, Any]) -> str:
     metric, rows = results["metric"], results["summary"]
     extra = "exact_match" if metric == "answer_loss" else None
     s = results.get("settings", {})
+    head_lrs = {r["head_lr"] for r in results.get("runs", []) if r.get("head_lr") is not None}
     lines = [
         f"# Method comparison: {results['task']} on {results['model']}",
         "",
@@ -181,8 +182,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Seeds {results.get('seeds')}; " + ", ".join(f"{k} {v}" for k, v in s.items() if v is not None) + ". "
         f"Metric: test {metric} ({'higher' if results['greater_is_better'] else 'lower'} is better), mean ± std "
-        "over seeds. Trainable parameters include the classification head where one trains. Peak memory: rise "
-        "of the training process's max RSS over the training loop.",
+        "over seeds. Trainable parameters include the classification head where one trains"
+        + (f"; that fresh head trains at lr {head_lrs.pop():g} for every method" if len(head_lrs) == 1 else "")
+        + ". Peak memory: rise of the training process's max RSS over the training loop.",
         "",
         f"| method | family | {metric} | " + (f"{extra} | " if extra else "")
         + "% of full FT | trainable params | trainable % | lr | train time (s) | peak RSS rise (MB) |",

@@ -123,6 +123,7 @@ class RunSpec:
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float | None = None  # None: DEFAULT_LR of the method's family
+    head_lr: float | None = None  # a fresh classification head's lr; None: DEFAULT_LR["head"]
     batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.0
@@ -179,8 +180,10 @@ class RunSpec:
             raise UsageError(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, got {self.lr}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         for name in ("train_size", "dev_size", "test_size"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -191,6 +194,15 @@ class RunSpec:
     @property
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else default_lr(self.method)
+
+    @property
+    def resolved_head_lr(self) -> float:
+        """The fresh head's lr: ``head_lr``, else the head baseline's, for every method alike (so that a
+        comparison does not credit or blame a method for the speed its head learns at); for the head
+        baseline itself, its lr."""
+        if self.method == "head":
+            return self.resolved_lr
+        return self.head_lr if self.head_lr is not None else DEFAULT_LR["head"]
 
 
 class RunLog:
@@ -395,6 +407,7 @@ def train_run(
         before = workload.evaluate(model, "test")
         log(f"untrained test {workload.metric}: {before[workload.metric]:.4f}")
 
+    heads = tuple(head_modules(model)) if task.kind == "classification" else ()  # before any wrapping
     model = prepare_model(spec, model, task, steps)
     trainable, total = parameter_counts(model)
     family, kind = method_family(spec.method)
@@ -411,9 +424,10 @@ def train_run(
             weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio, max_grad_norm=spec.max_grad_norm,
             seed=spec.seed, eval_every=spec.eval_every, save_every=spec.save_every,
             load_best_at_end=spec.load_best_at_end, keep_checkpoint=spec.keep_checkpoint, progress=progress,
+            head_lr=spec.resolved_head_lr if heads else None, head_modules=heads,
         )
-        log(f"train  {steps} optimizer steps of {spec.batch_size}x{spec.grad_accum} examples, lr {args.lr:g}, "
-            f"seed {spec.seed}")
+        log(f"train  {steps} optimizer steps of {spec.batch_size}x{spec.grad_accum} examples, lr {args.lr:g}"
+            + (f" (head {args.head_lr:g})" if args.head_lr is not None else "") + f", seed {spec.seed}")
         trainer = Trainer(model, workload, args, out, log=log, on_step=on_step)
         state = trainer.train(resume=resume)
         if hasattr(model, "finalize") and callable(model.finalize):
@@ -442,6 +456,7 @@ def train_run(
         "greater_is_better": workload.greater_is_better,
         "seed": spec.seed,
         "lr": spec.resolved_lr if spec.method != "untrained" else None,
+        "head_lr": spec.resolved_head_lr if spec.method != "untrained" and heads else None,
         "test": test,
         "trainable_parameters": trainable if spec.method != "untrained" else 0,
         "total_parameters": total,

@@ -86,6 +86,9 @@ class TrainArgs:
     load_best_at_end: bool = False
     keep_checkpoint: bool = True  # keep checkpoints/last once training has finished
     progress: bool = True
+    # a fresh classification head (parameters under a module of one of these names) trains at head_lr
+    head_lr: float | None = None
+    head_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "batch_size", "grad_accum", "eval_batch_size"):
@@ -97,12 +100,14 @@ class TrainArgs:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
     # settings a resumed run must share with the run that wrote the checkpoint
     _FINGERPRINT = ("total_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_ratio",
-                    "max_grad_norm", "seed", "eval_every")
+                    "max_grad_norm", "seed", "eval_every", "head_lr")
 
     def fingerprint(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._FINGERPRINT}
@@ -165,6 +170,24 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def param_groups(model: nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
+    """AdamW groups: matrices with weight decay, vectors without; a fresh head's parameters (under a
+    module named in ``args.head_modules``) at ``args.head_lr`` when one is given. Empty groups are left out."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    heads = set(args.head_modules) if args.head_lr is not None else set()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_head = bool(heads.intersection(name.split(".")))
+            groups.setdefault((is_head, p.ndim >= 2), []).append(p)
+    out = []
+    for (is_head, decays), params in sorted(groups.items()):
+        group: dict[str, Any] = {"params": params, "weight_decay": args.weight_decay if decays else 0.0}
+        if is_head:
+            group["lr"] = args.head_lr
+        out.append(group)
+    return out
 
 
 def save_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -290,12 +313,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": args.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr)
         self.scheduler = linear_warmup_decay(
             self.optimizer, int(round(args.warmup_ratio * args.total_steps)), args.total_steps
         )

@@ -80,7 +80,7 @@ def _train(tiny, out: Path, *extra: str) -> dict:
 
 
 def test_train_writes_adapter_metrics_and_log_and_learns(tiny, tmp_path, capsys):
-    m = _train(tiny, tmp_path / "run", "--max-steps", "60", "--lr", "2e-2", "--set", "targets=all-linear",
+    m = _train(tiny, tmp_path / "run", "--max-steps", "60", "--lr", "2e-2", "--head-lr", "2e-2", "--set", "targets=all-linear",
                "--set", "r=4", "--eval-before")
     out = tmp_path / "run"
     for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.json", "run.json", "train.log"):
@@ -306,3 +306,37 @@ def test_compare_expands_all_in_a_list(monkeypatch):
     weight = compare.weight_methods()
     assert seen["methods"] == ["lora"] + [m for m in weight if m != "lora"] + ["houlsby"]
     assert "houlsby" not in weight and "prompt_tuning" not in weight and "dora" in weight
+
+
+def test_the_fresh_head_trains_at_head_lr_for_every_method(tiny, tmp_path):
+    """The head's lr is the same for every method (default: the head baseline's 5e-3), the rest of the
+    model trains at the method's lr; recorded in metrics.json."""
+    from subpeft.train.run import RunSpec
+    from subpeft.train.trainer import TrainArgs, param_groups
+
+    lrs = {}
+    for method in ("lora", "ia3", "full", "head"):
+        out = tmp_path / method
+        assert main(["train", "--method", method, "--model", str(tiny["bert"]), "--data", str(tiny["csv"]),
+                     "--max-steps", "2", "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        lrs[method] = (m["lr"], m["head_lr"])
+    assert lrs == {"lora": (2e-3, 5e-3), "ia3": (5e-3, 5e-3), "full": (1e-4, 5e-3), "head": (5e-3, 5e-3)}
+    assert RunSpec(method="lora", head_lr=1e-2).resolved_head_lr == 1e-2
+    assert RunSpec(method="head", lr=3e-3, head_lr=1e-2).resolved_head_lr == 3e-3
+
+    # the groups: head parameters (also inside subpeft's trainable copy) at head_lr, decay only on matrices
+    import subpeft as sp
+    from subpeft.train.models import load_folder
+
+    model, _ = load_folder(str(tiny["bert"]), "classification", num_labels=3, seed=0)
+    tuned = sp.attach(model, sp.LoRA(r=2, targets=["query"], modules_to_save=["classifier"]))
+    groups = param_groups(tuned, TrainArgs(total_steps=1, lr=1e-3, weight_decay=0.1, head_lr=7e-3,
+                                           head_modules=("classifier",)))
+    names = {id(p): n for n, p in tuned.named_parameters()}
+    head = [g for g in groups if g.get("lr") == 7e-3]
+    assert head and all("classifier" in names[id(p)] for g in head for p in g["params"])
+    rest = [g for g in groups if "lr" not in g]
+    assert rest and all("lora" in names[id(p)] for g in rest for p in g["params"])
+    assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim >= 2 else 0.0) for g in groups)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in tuned.parameters() if p.requires_grad)

@@ -39,8 +39,8 @@ def test_train_and_eval_lora_minilm_tweets(tmp_path):
 def test_train_lora_smollm2_chat_lowers_answer_loss(tmp_path):
     out = tmp_path / "chat"
     assert main(["train", "--task", "chat", "--max-steps", "40", "--batch-size", "8", "--train-size", "320",
-                 "--test-size", "64", "--max-length", "96", "--lr", "1e-3", "--set", "r=8",
-                 "--set", 'targets=["q_proj","k_proj","v_proj","o_proj"]', "--max-new-tokens", "16",
+                 "--test-size", "32", "--max-length", "96", "--lr", "1e-3", "--set", "r=8",
+                 "--set", 'targets=["q_proj","k_proj","v_proj","o_proj"]', "--max-new-tokens", "8",
                  "--eval-before", "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"] == "smollm2" and m["kind"] == "generation"
