@@ -210,19 +210,25 @@ def _print_summary(summary: dict, top: int) -> None:
         )
     if "mean_distance_to_reference" in summary:
         print(f"mean distance to the reference: {summary['mean_distance_to_reference']:.3f} (0 = reached it, 1 = untouched)")
+    if "mean_cosine_to_reference" in summary:
+        print(f"mean cosine of ΔW with the reference's change: {summary['mean_cosine_to_reference']:.3f}; mean "
+              f"‖ΔW‖/‖ΔW_ref‖: {summary['mean_norm_ratio_to_reference']:.3f}")
 
 
 def _summary_table(labels: list[str], reports: list) -> str:
     """One line per adapter: layers, mean ‖ΔW‖/‖W‖, where its top directions sit, distance to the reference."""
     lines = ["| adapter | layers | mean ‖ΔW‖/‖W‖ | mean quantile of top directions | in bottom 10% | "
-             "mean distance to reference |", "|---|---|---|---|---|---|"]
+             "mean distance to reference | mean cosine with reference ΔW | mean ‖ΔW‖/‖ΔW_ref‖ |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, rows in zip(labels, reports, strict=True):
         s = rows.summary()
         rel = [r.relative_delta_norm for r in rows if r.relative_delta_norm is not None]
         cells = [label, str(len(rows)), f"{sum(rel) / len(rel):.4f}" if rel else "-",
                  f"{s['mean_quantile']:.2f}" if "mean_quantile" in s else "-",
                  f"{100 * s['fraction_in_bottom_10pct']:.0f}%" if "fraction_in_bottom_10pct" in s else "-",
-                 f"{s['mean_distance_to_reference']:.3f}" if "mean_distance_to_reference" in s else "-"]
+                 f"{s['mean_distance_to_reference']:.3f}" if "mean_distance_to_reference" in s else "-",
+                 f"{s['mean_cosine_to_reference']:.3f}" if "mean_cosine_to_reference" in s else "-",
+                 f"{s['mean_norm_ratio_to_reference']:.2f}" if "mean_norm_ratio_to_reference" in s else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -74,6 +74,8 @@ class LayerAnalysis:
     overlap_k: int = 0
     overlap_random: float | None = None
     distance_to_reference: float | None = None
+    cosine_to_reference: float | None = None  # ⟨ΔW, ΔW_ref⟩ / (‖ΔW‖·‖ΔW_ref‖): same direction as the reference's change?
+    norm_ratio_to_reference: float | None = None  # ‖ΔW‖ / ‖ΔW_ref‖: how far it moved, relative to the reference
     note: str = ""
     singular_values: list[float] = field(default_factory=list, repr=False)  # W's, descending
     change_rates: list[float] = field(default_factory=list, repr=False)  # δ_i in W's order
@@ -125,8 +127,10 @@ class AnalysisReport(list):
                 fraction_in_top_10pct=sum(q <= 0.1 for q in qs) / len(qs),
                 fraction_in_bottom_10pct=sum(q >= 0.9 for q in qs) / len(qs),
             )
-        if rows and all(r.distance_to_reference is not None for r in rows):
-            out["mean_distance_to_reference"] = sum(r.distance_to_reference for r in rows) / len(rows)
+        for key in ("distance_to_reference", "cosine_to_reference", "norm_ratio_to_reference"):
+            values = [getattr(r, key) for r in rows]
+            if rows and all(v is not None for v in values):
+                out[f"mean_{key}"] = sum(values) / len(values)
         return out
 
     def to_table(self, directions: int = 3) -> str:
@@ -134,18 +138,19 @@ class AnalysisReport(list):
         show_ref = any(r.distance_to_reference is not None for r in self)
         header = ["layer", "shape", "|dW|", "|dW|/|W|", "eff.rank", "top δ dirs (index@quantile)", "overlap (random)"]
         if show_ref:
-            header.append("dist. to ref")
+            header += ["dist. to ref", "cos to ref ΔW", "|dW|/|dW_ref|"]
         lines = [header]
         for r in self:
             if not r.measured:
-                lines.append([r.layer, f"{r.shape[0]}x{r.shape[1]}", "-", "-", "-", r.note, "-"] + (["-"] if show_ref else []))
+                lines.append([r.layer, f"{r.shape[0]}x{r.shape[1]}", "-", "-", "-", r.note, "-"] + (["-"] * 3 if show_ref else []))
                 continue
             dirs = " ".join(f"{d.index}@{d.quantile:.2f}" for d in r.top[:directions])
             overlap = "-" if r.overlap is None else f"{r.overlap:.3f} ({r.overlap_random:.3f})"
             line = [r.layer, f"{r.shape[0]}x{r.shape[1]}", f"{r.delta_norm:.3g}", f"{r.relative_delta_norm:.3g}",
                     f"{r.effective_rank:.2f}", dirs, overlap]
             if show_ref:
-                line.append("-" if r.distance_to_reference is None else f"{r.distance_to_reference:.3f}")
+                line += ["-" if v is None else f"{v:.3f}" for v in
+                         (r.distance_to_reference, r.cosine_to_reference, r.norm_ratio_to_reference)]
             lines.append(line)
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
         return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
@@ -279,6 +284,12 @@ def analyze_layer(
             row.distance_to_reference = distance_to_reference(W, W + D, W_ref)
         except AnalysisError:
             row.note = "reference equals W here"
+        else:
+            D_ref = W_ref - W
+            ref_norm = float(D_ref.norm())
+            row.norm_ratio_to_reference = delta_norm / ref_norm
+            if delta_norm > 0:
+                row.cosine_to_reference = float((D * D_ref).sum()) / (delta_norm * ref_norm)
     if delta_norm == 0.0:
         row.effective_rank = 0.0
         row.note = row.note or "ΔW = 0"

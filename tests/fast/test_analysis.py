@@ -277,6 +277,13 @@ def test_report_reference_model_and_svd_cache():
         W_tuned = W + layer.adapters["default"].delta_weight().detach()
         W_ref = reference.get_submodule(row.layer).weight.detach()
         assert row.distance_to_reference == pytest.approx(float((W_ref - W_tuned).norm() / (W_ref - W).norm()), rel=1e-5)
+        D, D_ref = W_tuned - W, W_ref - W
+        cos = float((D * D_ref).sum() / (D.norm() * D_ref.norm()))
+        assert row.cosine_to_reference == pytest.approx(cos, rel=1e-5, abs=1e-7)
+        assert row.norm_ratio_to_reference == pytest.approx(float(D.norm() / D_ref.norm()), rel=1e-5)
+        # the three are tied: distance² = 1 + ρ² − 2ρ·cos
+        rho = row.norm_ratio_to_reference
+        assert row.distance_to_reference ** 2 == pytest.approx(1 + rho**2 - 2 * rho * row.cosine_to_reference, rel=1e-4)
     # one SVD of W per matrix, reused while the weight is unchanged, redone after it changes
     A.clear_cache()
     before = sum(svd_service.stats.values())

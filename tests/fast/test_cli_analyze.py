@@ -119,13 +119,21 @@ def test_analyze_several_adapters_against_a_full_finetune_run(saved, capsys):
                  "--reference", str(saved / "fullrun"), "--out", str(out), "--top", "2"])
     assert code == 0
     text = capsys.readouterr().out
-    table = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| lora/")}
+    table = {}
+    for line in text.splitlines():
+        if line.startswith("| lora/"):
+            cells = [c.strip() for c in line.strip("| ").split("|")]
+            table[cells[0]] = cells[-3:]  # distance, cosine, norm ratio
     assert set(table) == {"lora/adapter#1", "lora/adapter#2"}  # same method, same folder name: numbered
-    assert table["lora/adapter#1"].rstrip(" |").endswith("0.500")
-    assert table["lora/adapter#2"].rstrip(" |").endswith("0.000")
-    for label, expected in (("lora_adapter#1", 0.5), ("lora_adapter#2", 0.0)):
+    # ΔW = D against D_ref = 2·D: half-way there, the same direction, half the norm; 2·D: there
+    assert table["lora/adapter#1"] == ["0.500", "1.000", "0.50"]
+    assert table["lora/adapter#2"] == ["0.000", "1.000", "1.00"]
+    for label, expected in (("lora_adapter#1", (0.5, 0.5)), ("lora_adapter#2", (0.0, 1.0))):
         data = json.loads((out / label / "report.json").read_text())
-        assert [layer["distance_to_reference"] for layer in data["layers"]] == pytest.approx([expected] * 2, abs=1e-5)
+        for layer in data["layers"]:
+            assert layer["distance_to_reference"] == pytest.approx(expected[0], abs=1e-5)
+            assert layer["cosine_to_reference"] == pytest.approx(1.0, abs=1e-5)
+            assert layer["norm_ratio_to_reference"] == pytest.approx(expected[1], abs=1e-5)
     pytest.importorskip("matplotlib")
     assert (out / "distance_by_method.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "lora_adapter#1" / "overview.png").exists()
