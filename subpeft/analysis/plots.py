@@ -90,23 +90,33 @@ def _overview(report: AnalysisReport, path: str, label: str) -> str:
 
 
 def plot_distances(reports: Mapping[str, AnalysisReport], path: str | os.PathLike) -> str:
-    """Distance to the reference per layer, one line per labelled report (e.g. per method)."""
+    """Distance to the reference per layer, one line per labelled report (e.g. per method); below it,
+    the cosine of each layer's ΔW with the reference's change (direction, whatever the scale)."""
     plt = _pyplot()
     layers: list[str] = []
     for rep in reports.values():
         layers += [r.layer for r in rep if r.distance_to_reference is not None and r.layer not in layers]
     if not layers:
         raise ValueError("no report has distances to a reference (pass reference= to report())")
-    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(layers) + 3), 4.5))
-    for label, rep in reports.items():
-        by_layer = {r.layer: r.distance_to_reference for r in rep if r.distance_to_reference is not None}
-        xs = [i for i, n in enumerate(layers) if n in by_layer]
-        ax.plot(xs, [by_layer[layers[i]] for i in xs], marker="o", ms=3, lw=1, label=label)
-    ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
-    ax.set(ylabel="|W_ref − φ(W)|_F / |W_ref − W|_F", title="distance to the reference (0 = reached, 1 = untouched)")
+    with_cos = any(r.cosine_to_reference is not None for rep in reports.values() for r in rep)
+    fig, axes = plt.subplots(2 if with_cos else 1, 1, sharex=True, squeeze=False,
+                             figsize=(max(7, 0.25 * len(layers) + 3), 7.5 if with_cos else 4.5))
+    panels = [("distance_to_reference", "|W_ref − φ(W)|_F / |W_ref − W|_F",
+               "distance to the reference (0 = reached, 1 = untouched)", 1.0)]
+    if with_cos:
+        panels.append(("cosine_to_reference", "cos(ΔW, W_ref − W)",
+                       "cosine of ΔW with the reference's change (1 = same direction, 0 = orthogonal)", 0.0))
+    for ax, (key, ylabel, title, line) in zip(axes[:, 0], panels, strict=True):
+        for label, rep in reports.items():
+            by_layer = {r.layer: getattr(r, key) for r in rep if getattr(r, key) is not None}
+            xs = [i for i, n in enumerate(layers) if n in by_layer]
+            ax.plot(xs, [by_layer[layers[i]] for i in xs], marker="o", ms=3, lw=1, label=label)
+        ax.axhline(line, color="0.6", lw=0.8, ls="--")
+        ax.set(ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+    ax = axes[-1, 0]
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels(layers, rotation=90, fontsize=6)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
