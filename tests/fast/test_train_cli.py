@@ -340,3 +340,19 @@ def test_the_fresh_head_trains_at_head_lr_for_every_method(tiny, tmp_path):
     assert rest and all("lora" in names[id(p)] for g in rest for p in g["params"])
     assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim >= 2 else 0.0) for g in groups)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in tuned.parameters() if p.requires_grad)
+
+
+def test_a_qlora_run_is_evaluated_on_its_4bit_base(tiny, tmp_path):
+    """`subpeft eval` of a run trained with --quantize nf4 quantises the base again: the same loss to the last
+    digit, where the full-precision base gives another."""
+    pytest.importorskip("bitsandbytes")
+    m = _train(tiny, tmp_path / "q", "--max-steps", "6", "--lr", "2e-2", "--quantize", "nf4")
+    assert m["quantized_layers"] > 0
+    assert main(["eval", "--adapter", str(tmp_path / "q"), "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["test"]["loss"] == pytest.approx(m["test"]["loss"], rel=1e-6)
+    spec = json.loads((tmp_path / "q" / "run.json").read_text())
+    spec["quantize"] = None
+    (tmp_path / "q" / "run.json").write_text(json.dumps(spec))
+    assert main(["eval", "--adapter", str(tmp_path / "q"), "--json", str(tmp_path / "f.json")]) == 0
+    assert json.loads((tmp_path / "f.json").read_text())["test"]["loss"] != pytest.approx(m["test"]["loss"], rel=1e-6)
