@@ -116,10 +116,7 @@ class UniPELTShared(nn.Module):
         self.calls: list[_Call | None] = []
 
     def file_state(self) -> dict[str, torch.Tensor]:
-        if self.prefix.reparametrised:
-            with torch.no_grad():
-                return {"prefix.prompt_embeddings": self.prefix.table().detach().clone()}
-        return {"prefix.prompt_embeddings": self.prefix.prompt_embeddings}
+        return {"prefix.prompt_embeddings": self.prefix.kept_table()}
 
     def file_config(self) -> UniPELT:
         return self.config.replace(folded=True)

@@ -76,6 +76,13 @@ class PrefixKV(nn.Module):
     def table(self) -> torch.Tensor:
         return self.transform(self.embedding) if self.reparametrised else self.prompt_embeddings
 
+    def kept_table(self) -> torch.Tensor:
+        """The table as saved: the MLP's output (a detached copy) while reparametrised, else the parameter."""
+        if self.reparametrised:
+            with torch.no_grad():
+                return self.table().detach().clone()
+        return self.prompt_embeddings
+
     def layers_kv(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return split_layers(self.table(), self.num_layers, self.kv_heads, batch_size)
 
@@ -83,8 +90,7 @@ class PrefixKV(nn.Module):
         """Replace the MLP by the table it produces now (the kept form)."""
         if not self.reparametrised:
             return
-        with torch.no_grad():
-            table = self.table().detach().clone()
+        table = self.kept_table()
         del self.transform
         del self.embedding
         self.prompt_embeddings = nn.Parameter(table)
@@ -156,10 +162,7 @@ class PrefixAdapter(VirtualAdapter):
         return self.prefix.layers_kv(batch_size)
 
     def file_state(self) -> dict[str, torch.Tensor]:
-        if self.prefix.reparametrised:
-            with torch.no_grad():
-                return {"prompt_embeddings": self.prefix.table().detach().clone()}
-        return {"prompt_embeddings": self.prefix.prompt_embeddings}
+        return {"prompt_embeddings": self.prefix.kept_table()}
 
     def file_config(self) -> VirtualTokens:
         return self.config.replace(folded=True)
