@@ -17,42 +17,17 @@ from __future__ import annotations
 import math
 
 import torch
+from _real_marks import SEED, classify_run, minilm_tweets, smollm2_chat
 from _real_marks import marks as _marks
-from _real_marks import minilm_tweets, smollm2_chat
 
-MARGIN = 0.10
 LM_LR = 5e-4  # 2e-3 made the held-out answer loss jump around (3.9 -> 2.8 -> 3.3 -> 2.8 in one run)
-SEED = 0
-
-
-def _classify(config, steps: int, lr: float):
-    """Train ``config`` (+ a trainable copy of the fresh head) on tweets; (accuracy before, after, tuned, ...)."""
-    import subpeft as sp
-    from subpeft.train import evaluate_accuracy, load_minilm_classifier, load_tweets, predict_logits, train_classifier
-
-    task = load_tweets({"train": steps * 16, "dev": 0, "test": 400}, seed=SEED)
-    model, tokenizer = load_minilm_classifier(task.num_labels, seed=SEED)
-    x, y = task.test.texts, task.test.labels
-    before = (predict_logits(model, tokenizer, x, max_length=64).argmax(-1) == torch.tensor(y)).float().mean().item()
-    torch.manual_seed(SEED)
-    tuned = sp.attach(model, config.replace(modules_to_save=["classifier"]))
-    result = train_classifier(tuned, tokenizer, task.train.texts, task.train.labels, max_steps=steps, lr=lr,
-                              batch_size=16, max_length=64, seed=SEED, progress=False)
-    after = evaluate_accuracy(tuned, tokenizer, x, y, max_length=64)
-    print(f"\n{config.method}/MiniLM/tweets: {steps} steps in {result.seconds:.1f} s, loss {result.first_loss:.3f} -> "
-          f"{result.final_loss:.3f}, accuracy {before:.3f} -> {after:.3f}")
-    assert math.isfinite(result.final_loss)
-    assert after >= before + MARGIN, f"trained accuracy {after:.3f} is not {MARGIN} above the untrained {before:.3f}"
-    assert after >= task.majority_accuracy("test") + MARGIN
-    return tuned, tokenizer, task
-
 
 @_marks(minilm_tweets)
 def test_houlsby_on_minilm_beats_the_untrained_model():
     import subpeft as sp
     from subpeft.core.layer import TrainableCopy
 
-    tuned, _, _ = _classify(sp.Houlsby(size=32), steps=70, lr=2e-3)
+    tuned, *_ = classify_run(sp.Houlsby(size=32), steps=70, lr=2e-3)
     copies = [n for n, m in tuned.model.named_modules() if isinstance(m, TrainableCopy)]
     assert len(copies) == 6 * 2 + 1  # every block's two LayerNorms, and the head
     assert len(list(tuned.adapted_layers())) == 6 * 2
@@ -63,7 +38,7 @@ def test_adamix_on_minilm_beats_the_untrained_model_and_averages(tmp_path):
     import subpeft as sp
     from subpeft.train import load_minilm_classifier, predict_logits
 
-    tuned, tokenizer, task = _classify(sp.AdaMix(size=16, experts=4), steps=70, lr=2e-3)
+    tuned, tokenizer, task, _ = classify_run(sp.AdaMix(size=16, experts=4), steps=70, lr=2e-3)
     # train_classifier finalizes: the experts were averaged into one adapter, evaluation is deterministic
     assert tuned.configs["default"].averaged
     texts = task.test.texts[:64]
@@ -80,7 +55,7 @@ def test_unipelt_on_minilm_beats_the_untrained_model_and_reloads(tmp_path):
     import subpeft as sp
     from subpeft.train import load_minilm_classifier, predict_logits
 
-    tuned, tokenizer, task = _classify(sp.UniPELT(r=8, size=32, num_virtual_tokens=10, projection_dim=128),
+    tuned, tokenizer, task, _ = classify_run(sp.UniPELT(r=8, size=32, num_virtual_tokens=10, projection_dim=128),
                                        steps=70, lr=2e-3)
     # 6 blocks: LoRA on query and value, the adapter on the FFN output; train_classifier folded the prefix MLP
     assert len(list(tuned.adapted_layers())) == 6 * 3
