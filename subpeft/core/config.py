@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +24,60 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+_FIELD_TYPES: dict[type, dict[str, tuple]] = {}
+
+
+def _field_types(cls: type) -> dict[str, tuple]:
+    """Per field of a config class, the plain types its annotation names (``int | None`` ->
+    (int, NoneType)); parametrised types count as their origin (``list[str]`` -> list)."""
+    if cls not in _FIELD_TYPES:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 - an annotation we cannot resolve: no type checks for it
+            hints = {}
+        out = {}
+        for name, hint in hints.items():
+            args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+            out[name] = tuple(typing.get_origin(a) or a for a in args)
+        _FIELD_TYPES[cls] = out
+    return _FIELD_TYPES[cls]
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinite float in an option value (nested lists, tuples, dicts), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            bad = _non_finite(v)
+            if bad is not None:
+                return bad
+    return None
+
+
+def peft_int(data: dict[str, Any], key: str, default: int | None) -> Any:
+    """An integer field of a PEFT config dict (``default`` where absent or null), without coercion:
+    ``int(True)`` would read ``"r": true`` as rank 1, ``int(2.5)`` as 2."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"PEFT config field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def peft_number(data: dict[str, Any], key: str, default: float | None) -> Any:
+    """A numeric field of a PEFT config dict (``default`` where absent or null), finite, not a bool."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"PEFT config field {key!r} must be a finite number, got {value!r}")
+    return value
 
 
 @dataclass(kw_only=True)
@@ -58,7 +115,25 @@ class AdapterConfig:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
             self.modules_to_save = list(self.modules_to_save)
+        self._check_values()
         self.validate()
+
+    def _check_values(self) -> None:
+        """Checks every option of every method shares, before the method's own :meth:`validate`:
+        a float anywhere in an option (also inside a list or dict) must be finite, and an option
+        declared ``int`` or ``float`` does not take a bool (``r: true`` would otherwise read as 1)."""
+        hints = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            bad = _non_finite(value)
+            if bad is not None:
+                raise ConfigError(f"{type(self).__name__}.{f.name} must be a finite number, got {bad!r}")
+            allowed = hints.get(f.name, ())
+            if isinstance(value, bool) and bool not in allowed and (int in allowed or float in allowed):
+                kind = "an integer" if float not in allowed else "a number"
+                raise ConfigError(f"{type(self).__name__}.{f.name} must be {kind}, got {value!r} (a bool)")
 
     # -- per-method hooks -------------------------------------------------------------------
     def validate(self) -> None:

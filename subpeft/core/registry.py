@@ -123,10 +123,18 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a dict, got {type(data).__name__}")
     if "method" in data:
-        return get_method(data["method"]).config_cls.from_dict(data)
+        method = data["method"]
+        if not isinstance(method, str) or not method:
+            raise ConfigError(
+                f"a config's 'method' must be the name of a registered method (a string such as 'lora'), "
+                f"got {method!r}; see sp.list_methods()"
+            )
+        return get_method(method).config_cls.from_dict(data)
     if "peft_type" in data:
         _load_builtin_methods()
-        peft_type = str(data["peft_type"]).upper()
+        if not isinstance(data["peft_type"], str):
+            raise ConfigError(f"a PEFT config's 'peft_type' must be a string such as 'LORA', got {data['peft_type']!r}")
+        peft_type = data["peft_type"].upper()
         if peft_type not in _PEFT_TYPES:
             raise ConfigError(
                 f"PEFT adapter type {peft_type!r} is not supported by subpeft; supported PEFT types: "

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.config import peft_int, peft_number
 from ...core.errors import ConfigError
 from ...core.layers import dims
 from ...core.registry import register
@@ -166,18 +167,18 @@ class AdaLoRA(LowRank):
         targets = data.get("target_modules")
         if isinstance(targets, (set, tuple)):
             targets = sorted(targets)
-        r = int(data.get("init_r", 12))
-        alpha = data.get("lora_alpha", 8)
+        r = peft_int(data, "init_r", 12)
+        alpha = peft_number(data, "lora_alpha", 8)
         pattern = data.get("rank_pattern")
         if pattern is not None:
             pattern = {k.split(".lora_E")[0]: [bool(b) for b in v] for k, v in pattern.items()}
         return cls(
             r=r, alpha=alpha if alpha > 0 else r,  # PEFT: a scale of lora_alpha, or r when lora_alpha <= 0
-            dropout=float(data.get("lora_dropout", 0.0) or 0.0), target_r=int(data.get("target_r", 8)),
-            init_warmup=int(data.get("tinit", 0)), final_warmup=int(data.get("tfinal", 0)),
-            mask_interval=int(data.get("deltaT", 1)), total_steps=data.get("total_step"),
-            beta1=data.get("beta1", 0.85), beta2=data.get("beta2", 0.85),
-            orth_reg=data.get("orth_reg_weight", 0.5) / 2, rank_pattern=pattern,
+            dropout=peft_number(data, "lora_dropout", 0.0), target_r=peft_int(data, "target_r", 8),
+            init_warmup=peft_int(data, "tinit", 0), final_warmup=peft_int(data, "tfinal", 0),
+            mask_interval=peft_int(data, "deltaT", 1), total_steps=peft_int(data, "total_step", None),
+            beta1=peft_number(data, "beta1", 0.85), beta2=peft_number(data, "beta2", 0.85),
+            orth_reg=peft_number(data, "orth_reg_weight", 0.5) / 2, rank_pattern=pattern,
             targets=targets, exclude=data.get("exclude_modules"), modules_to_save=data.get("modules_to_save"),
         )
 

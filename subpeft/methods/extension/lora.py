@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.adapter import Adapter
-from ...core.config import AdapterConfig
+from ...core.config import AdapterConfig, peft_int, peft_number
 from ...core.errors import ConfigError, UnsupportedLayerError
 from ...core.layers import dims, factory, from_2d
 from ...core.registry import register
@@ -130,9 +130,9 @@ class LoRA(LowRank):
         if isinstance(targets, (set, tuple)):
             targets = sorted(targets)
         return dict(
-            r=int(data.get("r", 8)),
-            alpha=data.get("lora_alpha", 8),
-            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            r=peft_int(data, "r", 8),
+            alpha=peft_number(data, "lora_alpha", 8),
+            dropout=peft_number(data, "lora_dropout", 0.0),
             rslora=bool(data.get("use_rslora", False)),
             targets=targets,
             exclude=data.get("exclude_modules"),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.adapter import Adapter
-from ...core.config import AdapterConfig
+from ...core.config import AdapterConfig, peft_int, peft_number
 from ...core.errors import ConfigError
 from ...core.layers import dims, factory, from_2d
 from ...core.registry import register
@@ -86,8 +86,9 @@ class VeRA(AdapterConfig):
         targets = data.get("target_modules")
         if isinstance(targets, (set, tuple)):
             targets = sorted(targets)
-        return cls(r=int(data.get("r", 256)), d_init=data.get("d_initial", 0.1), seed=int(data.get("projection_prng_key", 0)),
-                   dropout=float(data.get("vera_dropout", 0.0) or 0.0), targets=targets,
+        return cls(r=peft_int(data, "r", 256), d_init=peft_number(data, "d_initial", 0.1),
+                   seed=peft_int(data, "projection_prng_key", 0),
+                   dropout=peft_number(data, "vera_dropout", 0.0), targets=targets,
                    save_projection=bool(data.get("save_projection", True)),
                    modules_to_save=data.get("modules_to_save"))
 
