@@ -24,8 +24,9 @@ With ``p`` virtual tokens and ``n`` real tokens in a call:
   (before ``[CLS]`` / ``<s>``), as in Hugging Face PEFT; the attention mask gets ``p`` ones in front,
   ``token_type_ids`` get ``p`` zeros in front.
 - *Prefixes* (``virtual_kv``): every layer's self-attention gets ``p`` extra keys and values in front,
-  through the model's own KV cache (a ``DynamicCache`` pre-filled with them, exactly what the model
-  would hold had it already seen ``p`` tokens); the attention mask gets ``p`` ones in front.
+  through the model's own KV cache (the call's empty cache, e.g. the one ``generate`` made, or a new
+  ``DynamicCache``, pre-filled with them: exactly what the model would hold had it already seen ``p``
+  tokens); the attention mask gets ``p`` ones in front.
 - **Positions** count the attended tokens, virtual ones first: virtual tokens (or prefix slots)
   take positions ``0..p-1`` and the real tokens ``p, p+1, ...`` counted over the attention mask. So a
   row gives the same outputs whether it is padded on the left, on the right or not at all (PEFT
@@ -43,16 +44,25 @@ With ``p`` virtual tokens and ``n`` real tokens in a call:
   as a target; the two losses agree whenever ``labels[:, 0] == -100``. Sequence-level labels are
   passed through.
 - **The KV cache**: a cache that a routed call fills holds the ``p`` virtual entries first. A call
-  that passes a non-empty ``past_key_values`` (generation, or a caller's own incremental decoding
-  with a cache returned by an earlier call) is a continuation: its mask gets the ``p`` ones and its
-  positions the shift, and nothing is inserted again. ``generate`` therefore gives the same tokens
-  with and without ``use_cache``, and returns the caller's input ids followed by the new ids.
+  that passes a non-empty cache (generation, or a caller's own incremental decoding with a cache
+  returned by an earlier call) is a continuation: its mask gets the ``p`` ones and its positions the
+  shift, and nothing is inserted again. ``generate`` therefore gives the same tokens with and without
+  ``use_cache``, whatever the padding, and returns the caller's input ids followed by the new ids.
+- **The cache's name**: transformers 5.25 renamed the models' ``past_key_values`` argument (and output
+  field) ``cache``; ``generate`` passes ``cache=`` from 5.25 on and ``past_key_values=`` before, and
+  ``past_key_values`` remains only a deprecated alias that a forward drops when ``cache`` is also given.
+  A routed call may carry the cache under either name (:func:`passed_cache`); the model gets it under
+  its own (:func:`cache_argument`, read from its forward's signature), the prefix carrier included, and
+  the output's field is found by :func:`output_cache_field`. (Reading ``past_key_values`` only, on 5.25
+  every decoding step of ``generate`` looked like a first call: input prompts were put in again at each
+  step and the prefix went in a second cache that the model ignored.)
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -63,6 +73,52 @@ from .config import AdapterConfig
 from .errors import SubpeftError
 
 IGNORE_INDEX = -100
+
+
+# The names under which a transformers model takes (and returns) its KV cache: ``cache`` from
+# transformers 5.25 on, ``past_key_values`` before (5.25 keeps the old name as a deprecated alias of
+# the model's forward and of its outputs, but ``generate`` and the models pass only ``cache`` on).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes the KV cache: ``"cache"`` (transformers >= 5.25)
+    or ``"past_key_values"`` (earlier). Read from the forward's signature (or, for a head whose forward
+    passes the cache on in ``**kwargs``, its base model's), else from transformers' output classes."""
+    seen: set[int] = set()
+    for module in (model, getattr(model, "base_model", None)):
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        sig = _signature(module.forward)
+        if sig is not None:
+            for name in CACHE_ARGUMENTS:
+                if name in sig.parameters:
+                    return name
+    return _library_cache_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _library_cache_name() -> str:
+    try:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+    except ImportError:  # pragma: no cover - transformers is a dependency of every prompt-kind method
+        return "past_key_values"
+    return "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def passed_cache(call: dict[str, Any]) -> Any:
+    """The KV cache a model call carries, under either name (see :data:`CACHE_ARGUMENTS`), or None."""
+    given = [call[name] for name in CACHE_ARGUMENTS if call.get(name) is not None]
+    if len(given) > 1 and given[0] is not given[1]:
+        raise SubpeftError("the call passes two different KV caches (cache= and past_key_values=): pass one")
+    return given[0] if given else None
+
+
+def output_cache_field(out: Any) -> str | None:
+    """The field of a model output that holds the KV cache (``cache`` or ``past_key_values``), or None."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    return next((name for name in CACHE_ARGUMENTS if name in keys), None)
 
 
 def cache_length(cache: Any) -> int:
@@ -222,7 +278,14 @@ def rewrite_call(
     batch, n = ref.shape[0], ref.shape[1]
     p = int(num_virtual)
     device = ref.device
-    past = call.get("past_key_values")
+    # the KV cache, under the name this transformers version uses (a caller or generate may use either)
+    cache_name = cache_argument(model)
+    past = passed_cache(call)
+    cache_given = any(name in call for name in CACHE_ARGUMENTS)
+    for name in CACHE_ARGUMENTS:
+        call.pop(name, None)
+    if cache_given:
+        call[cache_name] = past
     seen = cache_length(past)
     fresh = seen == 0
     if not fresh and seen < p:
@@ -277,7 +340,7 @@ def rewrite_call(
     if kv is not None:
         dtype = _cache_dtype(model)
         kv = [(k.to(dtype), v.to(dtype)) for k, v in kv]
-        call["past_key_values"] = fill_cache(past if past is not None else new_cache(model), kv)
+        call[cache_name] = fill_cache(past if past is not None else new_cache(model), kv)
 
     as_tuple = call.get("return_dict") is False
     if as_tuple:
@@ -286,8 +349,9 @@ def rewrite_call(
     def finish(out: Any) -> Any:
         if inserted:
             out = _drop_virtual(out, n)
-        if created and call.get("use_cache") is False and hasattr(out, "keys") and "past_key_values" in out.keys():
-            out["past_key_values"] = None  # the caller asked for no cache: do not hand back the prefix carrier
+        field = output_cache_field(out) if created and call.get("use_cache") is False else None
+        if field is not None:  # the caller asked for no cache: do not hand back the prefix carrier
+            _clear_field(out, field)
         if as_tuple and hasattr(out, "to_tuple"):
             out = out.to_tuple()
         return out
@@ -352,6 +416,16 @@ def _cache_dtype(model: nn.Module) -> torch.dtype:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     return weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
+
+
+def _clear_field(out: Any, field: str) -> None:
+    """Set an output field to None as the model leaves an unset one: absent from the keys and the tuple
+    (a ModelOutput refuses ``del``; its dict entry goes, the attribute stays as None)."""
+    if isinstance(out, OrderedDict):
+        OrderedDict.__delitem__(out, field)
+        setattr(out, field, None)  # a None value is not put back into the dict
+    else:
+        out[field] = None
 
 
 def _drop_virtual(out: Any, n: int) -> Any:

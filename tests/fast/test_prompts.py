@@ -11,6 +11,7 @@ subpeft PEFT's) with identical outputs where the definitions agree (unpadded or 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import warnings
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import subpeft as sp
 from subpeft.core.errors import ConfigError, SubpeftError
+from subpeft.core.prompt import CACHE_ARGUMENTS, cache_argument, output_cache_field
 from subpeft.methods.prompts.prefix import PrefixKV, activation_table, join_layers, split_layers
 
 from .tiny_transformers import VOCAB, batch, tiny_bert, tiny_llama
@@ -222,35 +224,87 @@ def test_sequence_labels_pass_through():
 
 
 # -- generation and the KV cache -------------------------------------------------------------------------
+def _generation_inputs(side: str) -> dict[str, torch.Tensor]:
+    """Three prompts padded on the left or the right, or three full-length rows (side "none")."""
+    if side != "none":
+        return batch(padding_side=side)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_generate_with_and_without_cache_gives_the_same_tokens(name):
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_generate_with_and_without_cache_gives_the_same_tokens(name, side):
+    """generate() hands the model its cache as ``cache=`` (transformers >= 5.25) or ``past_key_values=``
+    (earlier): either way a call with a filled cache is a continuation, so the cached and uncached paths
+    and a greedy loop over the routed forward give the same tokens, whatever the padding."""
     tuned = _attach(name, _no_eos(tiny_llama()))
-    x = batch(padding_side="left")
-    cached = tuned.generate(**x, max_new_tokens=6, do_sample=False)
-    uncached = tuned.generate(**x, max_new_tokens=6, do_sample=False, use_cache=False)
+    x = _generation_inputs(side)
+    with warnings.catch_warnings():  # the cache goes in under the model's own name (no deprecated alias)
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        cached = tuned.generate(**x, max_new_tokens=6, do_sample=False)
+        uncached = tuned.generate(**x, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached[:, :7], x["input_ids"]), "sequences are the caller's ids + new ids"
     ids, mask = x["input_ids"], x["attention_mask"]
+    # generate() passes position ids: the prompt's counted over its mask (pads 0), each new token one past the
+    # last column's. With left or no padding these are the positions the routing counts itself (so the loop
+    # passes none); after right padding they are not (transformers' own rule, the same without an adapter)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) if side == "right" else None
     with torch.no_grad():  # greedy decoding over the routed forward, no cache at all
         for _ in range(6):
-            nxt = tuned(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            given = {} if positions is None else {"position_ids": positions}
+            nxt = tuned(input_ids=ids, attention_mask=mask, **given).logits[:, -1].argmax(-1, keepdim=True)
             ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+            if positions is not None:
+                positions = torch.cat([positions, positions[:, -1:] + 1], 1)
     assert torch.equal(cached, ids)
     with tuned.disable_adapter():
         assert not torch.equal(tuned.generate(**x, max_new_tokens=6, do_sample=False), cached)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_incremental_decoding_with_a_returned_cache(name):
+@pytest.mark.parametrize("argument", CACHE_ARGUMENTS)
+def test_incremental_decoding_with_a_returned_cache(name, argument):
+    """A caller's own decoding loop: the cache returned by one call passed to the next, under either
+    name (``cache`` is the model's own from transformers 5.25 on; the other one is translated)."""
     tuned = _attach(name, tiny_llama())
     x = batch(padding_side="left")
     with torch.no_grad():
         full = tuned(**x).logits
         first = tuned(input_ids=x["input_ids"][:, :5], attention_mask=x["attention_mask"][:, :5], use_cache=True)
-        rest = tuned(input_ids=x["input_ids"][:, 5:], attention_mask=x["attention_mask"],
-                     past_key_values=first.past_key_values, use_cache=True)
+        cache = first[output_cache_field(first)]
+        rest = tuned(input_ids=x["input_ids"][:, 5:], attention_mask=x["attention_mask"], use_cache=True,
+                     **{argument: cache})
     torch.testing.assert_close(first.logits, full[:, :5], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rest.logits, full[:, 5:], atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == P + 7  # the virtual entries once, then every real token
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
+def test_use_cache_false_returns_no_cache(name):
+    """The prefix travels in a cache made for the call; with use_cache=False the caller gets none back,
+    the output has the base model's fields (and tuple length)."""
+    tuned = _attach(name, tiny_llama())
+    x = batch()
+    with torch.no_grad():
+        out = tuned(**x, use_cache=False)
+        as_tuple = tuned(**x, use_cache=False, return_dict=False)
+        with tuned.disable_adapter():
+            base = tuned(**x, use_cache=False)
+        assert list(out.keys()) == list(base.keys()) == ["logits"]
+        assert len(as_tuple) == 1 and output_cache_field(out) is None
+        kept = tuned(**x, use_cache=True)
+        assert kept[output_cache_field(kept)].get_seq_length() == P + 7
+
+
+def test_cache_argument_is_the_models_own_name():
+    from transformers import LlamaModel
+
+    llama, bert = tiny_llama(), tiny_bert()
+    own = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    assert cache_argument(llama) == cache_argument(llama.model) == own
+    assert cache_argument(bert) == cache_argument(bert.bert) == own  # BertForSequenceClassification: via **kwargs
 
 
 # -- the kept form: folding on save and finalize -------------------------------------------------------------
@@ -292,6 +346,66 @@ def _peft_load(model, directory):
         return peft.PeftModel.from_pretrained(model, directory).eval()
 
 
+def _versions() -> str:
+    import transformers
+
+    return f"peft {peft.__version__} with transformers {transformers.__version__}"
+
+
+def _peft_prefix_forward_gap(exc: ValueError, backbone: torch.nn.Module) -> str | None:
+    """The reason to skip when PEFT cannot run a prefix on this backbone because of the cache rename.
+
+    PEFT's prefix forward for classifier heads (``_prefix_tuning_forward``) passes the prefix as
+    ``past_key_values=`` and first checks that the name is a parameter of the head's forward or, failing
+    that, of the backbone's (``BertModel.forward``). transformers 5.25 renamed the argument ``cache``
+    and keeps ``past_key_values`` only as a deprecated alias that is not in the signature, so PEFT
+    raises although the model would take the prefix. None when the error is anything else (a real failure).
+    """
+    params = inspect.signature(backbone.forward).parameters
+    if "does not support past key values" not in str(exc) or "past_key_values" in params or "cache" not in params:
+        return None
+    return (f"PEFT bug ({_versions()}): PEFT's prefix forward for {type(backbone).__name__} classifiers looks "
+            f"for a 'past_key_values' parameter in {type(backbone).__name__}.forward, which transformers 5.25 "
+            f"renamed 'cache' (past_key_values is only a deprecated alias outside the signature), so PEFT "
+            f"raises ValueError({str(exc)!r}) and cannot run the adapter; runs again once PEFT looks for 'cache'")
+
+
+class _PeftGenerationSteps:
+    """Watches the base model's calls while PEFT generates, for PEFT's cache-rename bug: transformers 5.25's
+    generate() hands the KV cache to prepare_inputs_for_generation as ``cache``, PEFT's override reads
+    ``model_kwargs["past_key_values"]`` only, so it takes every decoding step for the first one and puts its
+    virtual tokens in again (input prompts prepended to each new token, or a fresh prefix cache passed as
+    ``past_key_values=`` beside the model's ``cache``, which the model then ignores)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.symptoms = model, set()
+
+    def __enter__(self):
+        def look(module, args, kwargs):
+            cache = kwargs.get("cache")
+            filled = cache is not None and cache.get_seq_length() > 0
+            if filled and kwargs.get("inputs_embeds") is not None:
+                self.symptoms.add("prepends its prompts again to every decoding step's token (the cache grows "
+                                  "by p + 1 per step)")
+            if cache is not None and kwargs.get("past_key_values") is not None:
+                self.symptoms.add("passes a fresh prefix cache as past_key_values= beside generate's cache=, "
+                                  "which the model ignores, so the prefix never reaches it")
+
+        self.handle = self.model.register_forward_pre_hook(look, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def reason(self) -> str:
+        return (f"PEFT bug ({_versions()}): transformers 5.25 passes the KV cache to "
+                f"prepare_inputs_for_generation as 'cache' (renamed from past_key_values), PeftModelForCausalLM "
+                f"reads model_kwargs['past_key_values'] only, takes every decoding step for the first one and "
+                f"{'; and '.join(sorted(self.symptoms))}: its cached generation is wrong (subpeft's cached "
+                f"generation equals its uncached one and a greedy loop, test_generate_with_and_without_cache_"
+                f"gives_the_same_tokens); runs again once PEFT reads 'cache'")
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_subpeft_adapter_loads_in_peft_causal_lm(name, tmp_path):
     tuned = _attach(name, tiny_llama())
@@ -311,8 +425,12 @@ def test_subpeft_adapter_loads_in_peft_causal_lm(name, tmp_path):
     left = batch(padding_side="left")
     _no_eos(theirs.base_model if hasattr(theirs, "base_model") else theirs)
     _no_eos(tuned.model)
-    assert torch.equal(theirs.generate(**left, max_new_tokens=5, do_sample=False),
-                       tuned.generate(**left, max_new_tokens=5, do_sample=False))
+    mine = tuned.generate(**left, max_new_tokens=5, do_sample=False)
+    with _PeftGenerationSteps(theirs.get_base_model()) as steps:
+        generated = theirs.generate(**left, max_new_tokens=5, do_sample=False)
+    if steps.symptoms and not torch.equal(generated, mine):
+        pytest.skip(steps.reason())  # the forward comparisons above ran and passed
+    assert torch.equal(generated, mine)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -354,8 +472,19 @@ def test_subpeft_adapter_loads_in_peft_bert_classifier_with_token_types(name, tm
     tensors.update({"base_model.classifier.weight": head.weight.detach(), "base_model.classifier.bias": head.bias.detach()})
     save_file(tensors, path)
     theirs = _peft_load(tiny_bert(), tmp_path)
+    held = peft.get_peft_model_state_dict(theirs)  # PEFT loaded exactly the file's tensors
+    assert set(held) == set(tensors)
+    for key, value in tensors.items():
+        torch.testing.assert_close(held[key], value, rtol=0, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(**x, token_type_ids=types).logits, ours, rtol=0, atol=1e-6)
+        try:
+            got = theirs(**x, token_type_ids=types).logits
+        except ValueError as exc:
+            reason = _peft_prefix_forward_gap(exc, theirs.get_base_model().bert)
+            if reason is None:
+                raise
+            pytest.skip(reason)
+    torch.testing.assert_close(got, ours, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_lstm", "prefix_tuning", "p_tuning_v2"])
@@ -436,7 +565,7 @@ def test_activation_table_holds_the_models_keys_and_values():
     ids = torch.randint(0, VOCAB, (1, P))
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    layer = out.past_key_values.layers[1]
+    layer = out[output_cache_field(out)].layers[1]
     k, v = split_layers(table, 2, 2, 1)[1]
     torch.testing.assert_close(k, layer.keys, rtol=0, atol=0)
     torch.testing.assert_close(v, layer.values, rtol=0, atol=0)
@@ -482,10 +611,21 @@ def test_peft_sequence_classifier_with_head_loads_in_subpeft(tmp_path):
                 p.add_(0.3 * torch.randn(p.shape))
     theirs.eval()
     x = batch(padding_side="right")
-    with torch.no_grad():
-        expected = theirs(**x).logits
     theirs.save_pretrained(tmp_path)
     ours = sp.load(tiny_bert(), tmp_path)
     assert ours.configs["default"].modules_to_save == ["classifier"]  # PEFT also lists "score"
+    live = dict(ours.named_parameters())  # subpeft holds PEFT's prefix and its copy of the head
+    head = theirs.base_model.classifier.modules_to_save["default"]
+    for mine, theirs_ in ((live["shared.default.prefix.prompt_embeddings"], theirs.prompt_encoder["default"].embedding.weight),
+                          (live["model.classifier.copies.default.weight"], head.weight),
+                          (live["model.classifier.copies.default.bias"], head.bias)):
+        torch.testing.assert_close(mine, theirs_, rtol=0, atol=0)
     with torch.no_grad():
+        try:
+            expected = theirs(**x).logits
+        except ValueError as exc:
+            reason = _peft_prefix_forward_gap(exc, theirs.get_base_model().bert)
+            if reason is None:
+                raise
+            pytest.skip(reason)
         torch.testing.assert_close(ours(**x).logits, expected, rtol=0, atol=1e-6)

@@ -179,6 +179,31 @@ def test_generation_starts_with_the_forward_argmax_and_uses_the_cache():
     assert torch.equal(out[:, x["input_ids"].shape[1]], nxt)
 
 
+@pytest.mark.parametrize("side", ["left", "none"])
+def test_cached_generation_equals_incremental_decoding_with_the_returned_cache(side):
+    """generate() (which passes its cache as ``cache=`` from transformers 5.25 on, ``past_key_values=``
+    before) continues from the gated prefix of the prompt call exactly as a hand-written loop does that
+    hands each call's returned cache to the next one."""
+    from subpeft.core.prompt import output_cache_field
+
+    tuned = attach("llama")
+    perturb(tuned)
+    tuned.model.generation_config.eos_token_id = None
+    x = batch(padding_side="left")
+    if side == "none":
+        x = {k: v[:1] for k, v in x.items()}  # the unpadded row alone
+    with torch.no_grad():
+        out = tuned.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        ids, mask = x["input_ids"], x["attention_mask"]
+        step = tuned(input_ids=ids, attention_mask=mask, use_cache=True)
+        for _ in range(4):
+            nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+            step = tuned(input_ids=nxt, attention_mask=mask, past_key_values=step[output_cache_field(step)],
+                         use_cache=True)
+    assert torch.equal(out, ids)
+
+
 def test_unload_removes_the_routing_and_only_one_unipelt_runs_at_a_time():
     tuned = attach("llama")
     tuned.add_adapter("other", UniPELT(size=4, num_virtual_tokens=3, projection_dim=16))

@@ -42,7 +42,7 @@ from ...core.arch import describe
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError, SubpeftError
 from ...core.layers import dims, factory
-from ...core.prompt import bind_call, cache_length, rewrite_call
+from ...core.prompt import bind_call, cache_length, passed_cache, rewrite_call
 from ...core.registry import register
 from ..extension.lora import LoRA, LoRAAdapter
 from ..modules.bottleneck import Bottleneck, BottleneckAdapter
@@ -274,10 +274,10 @@ def _install_routing(model: nn.Module) -> None:
             stack.append(None)
             return None
         call = bind_call(module.forward, args, kwargs)
-        fresh = cache_length(call.get("past_key_values")) == 0
+        fresh = cache_length(passed_cache(call)) == 0
         mask = call.get("attention_mask")
         call, finish = rewrite_call(module, call, shared.num_virtual, None, shared.prefix.layers_kv, name="UniPELT")
-        shared.calls.append(_Call(call["past_key_values"] if fresh else None, mask if fresh else None))
+        shared.calls.append(_Call(passed_cache(call) if fresh else None, mask if fresh else None))
         stack.append((shared, finish))
         return (), call
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError
-from ...core.prompt import new_cache
+from ...core.prompt import cache_argument, new_cache
 from ...core.registry import register
 from ._virtual import VirtualAdapter, VirtualTokens, embedding_factory
 
@@ -105,7 +105,7 @@ def activation_table(model: nn.Module, num_virtual: int, num_layers: int) -> tor
     model.eval()
     try:
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache)
+            model(input_ids=ids, **{cache_argument(model): cache})
     finally:
         model.train(was_training)
     layers = cache.layers[:num_layers]
