@@ -1,15 +1,25 @@
 # The two commands of the README: `make demo` (set up + main job) and `make test` (set up + tests).
-PY ?= python3
+#
+# Set-up installs into a virtualenv of the project's own, .venv/ (made on first use), with the newest
+# releases that pyproject.toml admits, so that what runs is what a new user gets. To use another
+# environment instead: `make test PY=/path/to/python` (nothing is made then).
+BASE_PY ?= python3
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 # Where a torch is already installed it is kept (the constraint below pins it); where none is,
 # torch 2.13.0 is installed: on these machines pip takes the CPU wheel from the local wheel cache.
 # Elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid a CUDA build.
 TORCH_VERSION ?= 2.13.0
 CONSTRAINTS = .torch-constraint.txt
+# pytest's tiers: fast (no real model), real (real models and data), dist (several processes)
+PYTEST = $(PY) -m pytest -q -ra -p no:cacheprovider
 
-.PHONY: setup demo test test-fast test-real bench lint
+.PHONY: setup demo test test-fast test-real bench lint versions
 
 setup:
+	@if [ "$(PY)" = "$(VENV)/bin/python" ] && [ ! -x "$(PY)" ]; then \
+	  echo "making the virtualenv $(VENV) with $(BASE_PY)"; $(BASE_PY) -m venv $(VENV); fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
 	$(PIP) -c $(CONSTRAINTS) -e ".[test]"
@@ -21,14 +31,17 @@ setup:
 demo: setup
 	$(PY) -m subpeft.demo
 
-test: setup
-	$(PY) -m pytest -q -ra
+test: setup versions
+	$(PYTEST)
+
+versions:
+	@$(PY) -c "import importlib.metadata as m, sys; print('tested with Python', sys.version.split()[0] + ':', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'safetensors', 'bitsandbytes', 'numpy')))"
 
 test-fast:
-	$(PY) -m pytest -q -ra -m "not real"
+	$(PYTEST) -m "not real"
 
 test-real:
-	$(PY) -m pytest -q -ra -m real
+	$(PYTEST) -m real
 
 bench: setup
 	$(PY) benchmarks/lora_speed.py
