@@ -8,19 +8,25 @@
                              DIRs and a full fine-tune as REF, distance to it per layer and method
     subpeft train [--method NAME] [--config FILE.json] [--set key=value ...] [--model NAME|PATH]
                   [--task NAME | --data FILE] [--epochs N | --max-steps N] [--lr X] [--batch-size N]
-                  [--seed N] [--out DIR] [--resume] ...
+                  [--seed N] [--out DIR] [--resume | --overwrite] ...
                              train a method (default: LoRA on MiniLM on the tweets task); writes the
-                             adapter, metrics.json and train.log to DIR
+                             adapter, metrics.json and train.log to DIR (a DIR holding files needs
+                             --resume or --overwrite)
     subpeft eval --adapter DIR [--task NAME | --data FILE] [--split test]
                              the same metrics for a saved adapter
     subpeft compare --task NAME --methods a,b,c [--seeds 3] [--out DIR] [--max-steps N] ...
                              every method and the baselines, a Markdown table, JSON and a plot
+
+Exit status (EXIT_STATUS): 0 success, 1 the run failed, 2 bad input (one line, nothing written), 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+from .train.run import UsageError
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -95,10 +101,17 @@ def _base_model(spec: str, directory: str):
         return load_folder(smollm2_path(), "generation")[0]
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"subpeft analyze: --base must be 'auto', 'minilm', 'smollm2' or 'module:factory', got {spec!r}")
+        raise UsageError(f"--base must be 'auto', 'minilm', 'smollm2' or 'module:factory', got {spec!r}")
     import importlib
 
-    factory = getattr(importlib.import_module(module_name), attr)
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise UsageError(f"--base {spec}: cannot import {module_name!r}: {exc}") from None
+    except AttributeError:
+        raise UsageError(f"--base {spec}: module {module_name!r} has no {attr!r}") from None
+    if not callable(factory):
+        raise UsageError(f"--base {spec}: {attr!r} is not a callable that returns the model")
     return factory()
 
 
@@ -125,15 +138,31 @@ def _load_reference(path: str, base: str):
                 path = os.path.join(path, name)
                 break
         else:
-            raise SystemExit(f"subpeft analyze: no {' or '.join(_REFERENCE_FILES)} in {path!r}")
+            raise UsageError(f"--reference {path!r}: no {' or '.join(_REFERENCE_FILES)} in it")
     if not os.path.exists(path):
-        raise SystemExit(f"subpeft analyze: reference {path!r} does not exist")
+        raise UsageError(f"--reference {path!r} does not exist")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise UsageError(f"--reference {path!r}: not a readable safetensors file: {exc}") from None
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"--reference {path!r}: holds Python objects other than tensors, which are not loaded "
+                         "(unpickling them could run code); give a .safetensors file or a state dict of tensors") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--reference {path!r}: not a weights file torch can read: {first}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UsageError(f"--reference {path!r}: not a state dict of tensors (name -> tensor)")
+    return state
 
 
 def _labels(dirs: list[str], methods: list[str]) -> list[str]:
@@ -156,9 +185,11 @@ def _analyze(args: argparse.Namespace) -> int:
     import subpeft as sp
     from subpeft import analysis
 
+    from .train.files import write_atomic
+
     for d in args.dirs:
         if not os.path.exists(os.path.join(d, "adapter_config.json")):
-            raise SystemExit(f"subpeft analyze: {d!r} is not an adapter directory (no adapter_config.json)")
+            raise UsageError(f"{d!r} is not an adapter directory (no adapter_config.json)")
     reference = _load_reference(args.reference, args.base) if args.reference else None
     reports, methods = [], []
     for d in args.dirs:
@@ -184,7 +215,7 @@ def _analyze(args: argparse.Namespace) -> int:
     for label, rows in zip(labels, reports, strict=True):
         out = os.path.join(args.out, label.replace("/", "_")) if several else args.out
         os.makedirs(out, exist_ok=True)
-        rows.to_json(os.path.join(out, "report.json"))
+        write_atomic(os.path.join(out, "report.json"), rows.to_json() + "\n")
         print(f"wrote {os.path.join(out, 'report.json')}")
         if plots:
             try:
@@ -233,22 +264,95 @@ def _summary_table(labels: list[str], reports: list) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- train / eval / compare
+# --------------------------------------------------------------------------- errors and exit status
+
+EXIT_STATUS = """exit status:
+  0    success
+  1    the run failed (e.g. the training loss became NaN), a file could not be written, or an internal
+       error (printed with its traceback)
+  2    bad input: an option, a file or a folder; one line says what to change, and nothing is written
+  130  interrupted (Ctrl-C); a training run stopped inside its loop keeps a checkpoint: continue it with
+       subpeft train --out DIR --resume"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the option and what is wrong) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .core.errors import SubpeftError, UnsupportedLayerError
+    from .train.data import DataFileError, MissingPackageError
+    from .train.files import UnreadableFileError
+    from .train.trainer import ResumeError
+
+    # AnalysisError and ConfigError are SubpeftErrors; path errors of the user's files and folders too
+    return (UsageError, SubpeftError, UnsupportedLayerError, DataFileError, MissingPackageError, ResumeError,
+            UnreadableFileError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            FileExistsError)
 
 
 def _guarded(handler, args: argparse.Namespace) -> int:
-    """Run a command; input a user can fix ends with one 'error:' line and exit status 2."""
-    from .core.errors import SubpeftError, UnsupportedLayerError
-    from .train.data import DataFileError, MissingPackageError
-    from .train.run import UsageError
-    from .train.trainer import ResumeError
+    """Run a command: bad input ends with one 'error:' line and exit status 2, a failed run with one line
+    and status 1, Ctrl-C with one line and status 130 (see EXIT_STATUS)."""
+    from .train.compare import RunFailed
 
+    name = f"subpeft {args.command}"
     try:
+        _check_cli_options(args)
         return handler(args)
-    except (UsageError, SubpeftError, UnsupportedLayerError, DataFileError, MissingPackageError, ResumeError,
-            FileNotFoundError) as exc:  # AnalysisError is a SubpeftError
-        print(f"subpeft {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C){getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
+        return 130
+    except _usage_errors() as exc:
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except (FloatingPointError, RunFailed, OSError) as exc:
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _check_cli_options(args: argparse.Namespace) -> None:
+    """The options that are not settings of a run (RunSpec.check validates those): threads, seeds, output
+    files and folders, analyze's numbers."""
+    import os
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (torch CPU threads), got {threads}")
+    if args.command == "compare":
+        if args.seeds < 1:
+            raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.seed_list is not None:
+            try:
+                seeds = [int(x) for x in args.seed_list.split(",")]
+            except ValueError:
+                raise UsageError(f"--seed-list takes comma-separated integers (e.g. 0,5,7), got "
+                                 f"{args.seed_list!r}") from None
+            if any(x < 0 for x in seeds):
+                raise UsageError(f"--seed-list: seeds must be >= 0, got {args.seed_list!r}")
+        if not [m for m in args.methods.split(",") if m.strip()]:
+            raise UsageError("--methods names no method (e.g. --methods lora,ia3, or all)")
+    if args.command == "eval" and args.json:
+        if os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json!r} is a folder; give a file name, e.g. "
+                             f"{os.path.join(args.json, 'eval.json')}")
+    if args.command == "analyze":
+        if args.top < 1:
+            raise UsageError(f"--top must be >= 1 (directions per layer), got {args.top}")
+    out = getattr(args, "out", None)
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out!r} is a file, not a folder; give a folder name")
+
+
+# --------------------------------------------------------------------------- train / eval / compare
 
 _S = argparse.SUPPRESS
 
@@ -257,7 +361,11 @@ def _size(text: str) -> int | None:
     """A split size: a count, or 0 / 'all' for the whole split."""
     if text.lower() in ("all", "0"):
         return None
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is a count of examples, 0 or 'all' (the whole split), got "
+                                         f"{text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"a size must be >= 0 (0 or 'all': the whole split), got {value}")
     return value
@@ -272,7 +380,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-col", default=_S, help="classification: the label column (default 'label')")
     p.add_argument("--prompt-col", default=_S, help="generation: the prompt column (default 'prompt')")
     p.add_argument("--response-col", default=_S, help="generation: the response column (default 'response')")
-    p.add_argument("--max-length", type=int, default=_S, help="max tokens per example (default 128)")
+    p.add_argument("--max-length", type=int, default=_S, help="max tokens per example (default 128, at least 2)")
     p.add_argument("--test-size", type=_size, default=_S, help="test examples (default 2000; 0 or 'all': all)")
     p.add_argument("--device", default=_S, help="cpu or cuda (default: cuda if available)")
 
@@ -283,9 +391,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=_S, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=_S, help="examples per micro-batch (default 16)")
     p.add_argument("--grad-accum", type=int, default=_S, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--weight-decay", type=float, default=_S, help="AdamW weight decay of matrices (default 0)")
-    p.add_argument("--warmup-ratio", type=float, default=_S, help="linear warm-up share of the steps (default 0.06)")
-    p.add_argument("--max-grad-norm", type=float, default=_S, help="gradient clipping norm (default 1.0)")
+    p.add_argument("--weight-decay", type=float, default=_S, help="AdamW weight decay of matrices, >= 0 (default 0)")
+    p.add_argument("--warmup-ratio", type=float, default=_S, help="linear warm-up share of the steps, in [0, 1] "
+                   "(default 0.06)")
+    p.add_argument("--max-grad-norm", type=float, default=_S, help="gradient clipping norm, > 0 (default 1.0)")
     p.add_argument("--train-size", type=_size, default=_S, help="training examples (default 6400; 0 or 'all': all)")
     p.add_argument("--dev-size", type=_size, default=_S, help="dev examples (default 1000; 0 or 'all': all)")
     p.add_argument("--max-new-tokens", type=int, default=_S, help="generation: greedy answer length (default 32)")
@@ -295,9 +404,17 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines on the terminal")
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
+               "+infinity": math.inf, "-infinity": -math.inf}
+
+
 def _parse_value(text: str):
+    """A --set value: JSON (numbers, true/false, lists, strings in quotes), nan/inf as the float they name
+    (so that the check can say it is not finite), else the text itself."""
     import json
 
+    if text.lower() in _NON_FINITE:
+        return _NON_FINITE[text.lower()]
     try:
         return json.loads(text)
     except ValueError:
@@ -308,8 +425,8 @@ def _parse_sets(items: list[str], what: str = "--set") -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"subpeft: {what} takes key=value (e.g. {what} r=16), got {item!r}")
+        if not sep or not key.strip():
+            raise UsageError(f"{what} takes key=value (e.g. {what} r=16), got {item!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out
 
@@ -323,21 +440,17 @@ def _spec_keys() -> set[str]:
 
 
 def _train_spec(args: argparse.Namespace):
-    """(RunSpec, out dir) from the command line: defaults < --spec file < run.json (with --resume) < options."""
-    import json
+    """(RunSpec, out dir) from the command line: defaults < --spec file < run.json (with --resume) < options.
+    The spec is checked here (RunSpec.check), so that a bad value from a file names that file."""
     from pathlib import Path
 
-    from .train.run import RunSpec, UsageError
+    from .train.files import read_json
+    from .train.run import RunSpec
 
     given = {k: v for k, v in vars(args).items() if k in _spec_keys() and k != "options"}
     options: dict = {}
     if getattr(args, "config", None):
-        try:
-            data = json.loads(Path(args.config).read_text())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--config {args.config}: cannot read a JSON object: {exc}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {args.config} must hold a JSON object of method options")
+        data = read_json(args.config, "--config")
         if "method" in data:
             if "method" in given and given["method"] != data["method"]:
                 raise UsageError(f"--method {given['method']} but --config is for {data['method']!r}")
@@ -351,26 +464,39 @@ def _train_spec(args: argparse.Namespace):
     if "data" in given:
         given["task"] = None
     base: dict = {}
+    source = None
     if getattr(args, "spec", None):
-        base = json.loads(Path(args.spec).read_text())
+        base = read_json(args.spec, "--spec")
+        source = f"--spec {args.spec}"
     out = getattr(args, "out", None)
     if out is None:
         merged = {**base, **given}
-        label = merged.get("task") or Path(merged.get("data") or "tweets").stem
+        label = merged.get("task") or Path(str(merged.get("data") or "tweets")).stem
         if "data" not in merged and "task" not in merged:
             label = "tweets"
         out = str(Path("runs") / f"{merged.get('method', 'lora')}-{label}")
+    args.out = out
     if args.resume:
         run_json = Path(out) / "run.json"
         if not run_json.is_file():
             raise UsageError(f"--resume: no run in {out} (no run.json); start it without --resume")
-        stored = json.loads(run_json.read_text())
+        stored = read_json(run_json, "--resume")
         conflicts = [f"{k}: run {stored.get(k)!r}, now {v!r}" for k, v in given.items()
                      if k not in RunSpec.RESUME_FREE and stored.get(k) != v]
         if conflicts:
             raise UsageError(f"--resume with other settings than the run in {out}: {'; '.join(conflicts)}")
-        base = stored
-    return RunSpec.from_dict({**base, **given}), out
+        base, source = stored, f"--resume: {run_json}"
+    try:
+        spec = RunSpec.from_dict({**base, **given})
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}" if source else str(exc)) from None
+    try:
+        spec.check()
+    except UsageError as exc:
+        if source and exc.field is not None and exc.field not in given and exc.field in base:
+            raise UsageError(f"{source}: {exc}", exc.field) from None
+        raise
+    return spec, out
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -381,19 +507,26 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train.trainer import TrainingInterrupted
+    from pathlib import Path
+
+    from .train.run import train_run
+    from .train.trainer import TrainingInterrupted, find_checkpoint
 
     _threads(args)
     spec, out = _train_spec(args)
     try:
-        from .train.run import train_run
-
-        m = train_run(spec, out, resume=args.resume, progress=not args.quiet, echo=not args.quiet)
+        m = train_run(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                      echo=not args.quiet)
     except TrainingInterrupted as exc:
-        print(f"subpeft train: {exc}", file=sys.stderr)
-        if exc.checkpoint:
-            print(f"continue with: subpeft train --out {out} --resume", file=sys.stderr)
+        hint = f"; continue with: subpeft train --out {out} --resume" if exc.checkpoint else ""
+        print(f"subpeft train: {exc}{hint}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        if Path(out).is_dir() and find_checkpoint(out) is not None:
+            args.interrupt_hint = f"; the checkpoint stays: continue with: subpeft train --out {out} --resume"
+        else:
+            args.interrupt_hint = "; nothing was written"
+        raise
     metric = m["metric"]
     print(f"{m['method']} on {m['model']}, task {m['task']}: test {metric} {m['test'][metric]:.4f} "
           f"({m['test']['examples']} examples)")
@@ -408,8 +541,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from pathlib import Path
 
+    from .train.files import write_json
     from .train.run import eval_run
 
     _threads(args)
@@ -422,16 +556,14 @@ def _eval(args: argparse.Namespace) -> int:
     for key, value in scores.items():
         print(f"  {key:<20} {value:.4f}" if isinstance(value, float) else f"  {key:<20} {value}")
     if args.json:
-        from pathlib import Path
-
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .train.compare import run_compare, weight_methods
-    from .train.run import UsageError
 
     _threads(args)
     common = {k: v for k, v in vars(args).items() if k in _spec_keys() and k not in ("method", "options", "seed", "lr")}
@@ -451,6 +583,8 @@ def _compare(args: argparse.Namespace) -> int:
             lr[key if sep else "*"] = float(value)
         except ValueError:
             raise UsageError(f"--lr takes a number or NAME=number (NAME a method or family), got {item!r}") from None
+        if not math.isfinite(lr[key if sep else "*"]) or not lr[key if sep else "*"] > 0:
+            raise UsageError(f"--lr must be a finite number > 0 (e.g. 2e-3 or lora=2e-3), got {item!r}")
     options: dict[str, dict] = {}
     for key, value in _parse_sets(args.set or []).items():
         method, dot, option = key.partition(".")
@@ -464,7 +598,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     command = "subpeft " + shlex.join(args.argv)
     results = run_compare(methods, common, out, seeds=seeds, lr=lr, options=options, in_process=args.in_process,
-                          resume=args.resume, threads=args.threads, command=command,
+                          resume=args.resume, overwrite=args.overwrite, threads=args.threads, command=command,
                           echo=(lambda s: None) if args.quiet else print)
     from .train.compare import markdown
 
@@ -474,7 +608,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _add_train_parsers(sub) -> None:
-    p = sub.add_parser("train", help="train a method on a task (default: LoRA, MiniLM, tweets)")
+    p = sub.add_parser("train", help="train a method on a task (default: LoRA, MiniLM, tweets)", epilog=EXIT_STATUS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default=_S, help="a registered method (see 'subpeft methods') or a baseline: full, "
                    "head, untrained (default lora)")
     p.add_argument("--config", help="JSON file of method options (may name the method)")
@@ -492,8 +627,12 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--eval-before", action="store_true", default=_S, help="also score the untrained model")
     p.add_argument("--no-save", dest="save", action="store_false", default=_S, help="do not write the final adapter")
     p.add_argument("--quantize", choices=["nf4"], default=_S, help="4-bit base model (QLoRA; needs subpeft.quant)")
-    p.add_argument("--out", help="output folder (default runs/<method>-<task>)")
+    p.add_argument("--out", help="output folder (default runs/<method>-<task>); a folder that already holds "
+                   "files needs --resume or --overwrite")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out: the files a run writes "
+                   "(adapter, run.json, metrics.json, train.log, checkpoints/last, best/) are removed, other "
+                   "files stay")
 
     p = sub.add_parser("eval", help="the metrics of a saved adapter")
     p.add_argument("--adapter", required=True, help="adapter folder written by 'subpeft train'")
@@ -516,11 +655,14 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--in-process", action="store_true", help="run every training in this process (faster start; "
                    "memory figures then not per run)")
     p.add_argument("--resume", action="store_true", help="skip runs that already wrote metrics.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the comparison in --out (its results and "
+                   "the runs it makes; other files stay)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="subpeft", description="Parameter-efficient fine-tuning, the subspace view.")
+    parser = _Parser(prog="subpeft", description="Parameter-efficient fine-tuning, the subspace view.",
+                     epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_methods = sub.add_parser("methods", help="list the registered methods")
     p_methods.add_argument("--json", action="store_true", help="print JSON instead of a table")

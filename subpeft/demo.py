@@ -152,24 +152,53 @@ def run_demo(args: argparse.Namespace) -> dict:
     say(f"adapter       saved to {out.resolve()} (reloaded: max |logit diff| {diff:.1e})")
     say(f"total time    {seconds:.0f} s")
     if args.json:
+        from subpeft.train.files import write_atomic
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(numbers, indent=2) + "\n")
     return numbers
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options (one line naming the option), or None."""
+    import math
+    import os
+
+    for name in ("max_steps", "batch_size", "test_size", "r"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.max_length < 2:
+        return f"--max-length must be >= 2 (tokens per tweet), got {args.max_length}"
+    if args.train_size is not None and args.train_size < 1:
+        return f"--train-size must be >= 1, got {args.train_size}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    for name in ("lr", "alpha"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or not value > 0:
+            return f"--{name} must be a finite number > 0, got {value}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out!r} is a file, not a folder"
+    if args.json and os.path.isdir(args.json):
+        return f"--json {args.json!r} is a folder; give a file name"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "test_size", "r", "max_length"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.train_size is not None and args.train_size < 1:
-        parser.error("--train-size must be >= 1")
+    problem = _check(args)
+    if problem:
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         run_demo(args)
     except ImportError as exc:  # MissingPackageError carries the pip command
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -12,7 +12,8 @@ then only show rises above earlier runs). The results go to ``out``:
 * ``results.png``: metric against trainable parameters (log scale), error bars over seeds;
 * ``runs/<method>/seed<k>/``: each run's folder (``metrics.json``, ``run.json``, ``train.log``).
 
-With ``resume=True`` runs that already have a ``metrics.json`` are not run again.
+With ``resume=True`` runs that already have a ``metrics.json`` are not run again; a folder that already
+holds files needs ``resume`` or ``overwrite``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .run import BASELINES, RunSpec, UsageError, build_task, default_lr, method_family, train_run
+from .run import (
+    BASELINES,
+    RunSpec,
+    UsageError,
+    build_task,
+    check_method_options,
+    default_lr,
+    method_family,
+    total_steps,
+    train_run,
+)
 
-__all__ = ["baselines_for", "resolve_lr", "run_compare", "summarize", "write_outputs"]
+__all__ = ["RunFailed", "baselines_for", "resolve_lr", "run_compare", "summarize", "write_outputs"]
 
 
 def baselines_for(kind: str) -> list[str]:
@@ -53,17 +64,31 @@ def resolve_lr(method: str, lr: dict[str, float]) -> float:
     return default_lr(method)
 
 
+class RunFailed(RuntimeError):
+    """A run of the comparison failed; the message is one line with the run's own error."""
+
+
 def _run_subprocess(spec: RunSpec, run_dir: Path, threads: int | None, quiet: bool) -> dict[str, Any]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec_file = run_dir / "spec.json"
-    spec_file.write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-    cmd = [sys.executable, "-m", "subpeft.cli", "train", "--spec", str(spec_file), "--out", str(run_dir), "--quiet"]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    import tempfile
+
+    from .files import write_json
+
+    fd, spec_file = tempfile.mkstemp(prefix="subpeft-spec-", suffix=".json")
+    os.close(fd)
+    try:
+        write_json(spec_file, spec.to_dict())
+        cmd = [sys.executable, "-m", "subpeft.cli", "train", "--spec", spec_file, "--out", str(run_dir), "--quiet",
+               "--overwrite"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        os.unlink(spec_file)
+    if proc.returncode in (130, -2):  # the run was interrupted (Ctrl-C reaches the whole process group)
+        raise KeyboardInterrupt
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}):\n{tail}")
+        lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
+        raise RunFailed(f"run {run_dir} failed (exit {proc.returncode}): {lines[-1].strip() if lines else 'no output'}")
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -77,14 +102,31 @@ def run_compare(
     options: dict[str, dict[str, Any]] | None = None,
     in_process: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     threads: int | None = None,
     echo=print,
     command: str = "",
 ) -> dict[str, Any]:
-    """Train every method (baselines first) for every seed; write and return the results."""
+    """Train every method (baselines first) for every seed; write and return the results.
+
+    Every run's settings are checked before the first run starts. A non-empty ``out`` needs ``resume``
+    (runs that wrote metrics.json are kept) or ``overwrite`` (the runs and results are replaced; other
+    files stay). If no run finishes, the folders this call created are removed."""
+    from .files import first_missing, remove_created
+
     lr, options = dict(lr or {}), dict(options or {})
+    if not seeds:
+        raise UsageError("--seeds must be >= 1 (or --seed-list must name a seed)")
+    if resume and overwrite:
+        raise UsageError("give --resume (keep finished runs) or --overwrite (replace them), not both")
     probe = RunSpec.from_dict({**common, "method": "full"})
     probe.check()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a folder; give a folder name")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise UsageError(f"--out {str(out)!r} is not empty: continue that comparison with --resume, replace it "
+                         "with --overwrite, or choose another --out")
     task = build_task(probe)  # fails early on a bad task or data file
     names = baselines_for(task.kind) + [m for m in methods if m not in BASELINES]
     for m in names:
@@ -92,31 +134,40 @@ def run_compare(
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise UsageError(f"options given for methods not in the comparison: {unknown}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs: list[dict[str, Any]] = []
-    total, done = len(names) * len(seeds), 0
-    start = time.perf_counter()
+    plan = []
     for seed in seeds:
         for m in names:
-            done += 1
-            run_dir = out / "runs" / m / f"seed{seed}"
             spec = RunSpec.from_dict({
                 **common, "method": m, "options": options.get(m, {}), "seed": seed, "lr": resolve_lr(m, lr),
                 "save": False, "keep_checkpoint": False, "save_every": 0,
             })
+            spec.check()
+            check_method_options(spec, task, total_steps(spec, len(task.train)))
+            plan.append((seed, m, spec, out / "runs" / m / f"seed{seed}"))
+    created = first_missing(out)
+    runs: list[dict[str, Any]] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        total, done = len(plan), 0
+        start = time.perf_counter()
+        for seed, m, spec, run_dir in plan:
+            done += 1
             if resume and (run_dir / "metrics.json").is_file():
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 echo(f"[{done}/{total}] {m} seed {seed}: done before")
             else:
                 t0 = time.perf_counter()
                 if in_process:
-                    metrics = train_run(spec, run_dir, progress=False, echo=False)
+                    metrics = train_run(spec, run_dir, overwrite=True, progress=False, echo=False)
                 else:
                     metrics = _run_subprocess(spec, run_dir, threads, quiet=True)
                 echo(f"[{done}/{total}] {m} seed {seed}: {metrics['metric']} "
                      f"{metrics['test'][metrics['metric']]:.4f} ({time.perf_counter() - t0:.0f} s)")
             runs.append(metrics)
+    except BaseException:
+        if not runs:
+            remove_created(created)
+        raise
     results = summarize(runs)
     results.update(command=command, settings=common, seeds=list(seeds),
                    learning_rates={m: resolve_lr(m, lr) for m in names if m != "untrained"},
@@ -229,15 +280,24 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_title(f"{results['task']} on {results['model']}: {metric} vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import io
+
+    from .files import write_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def write_outputs(results: dict[str, Any], out: str | os.PathLike) -> list[Path]:
+    """results.json, results.md and results.png in ``out``, each replaced atomically."""
+    from .files import write_atomic, write_json
+
     out = Path(out)
     files = [out / "results.json", out / "results.md"]
-    files[0].write_text(json.dumps(results, indent=2) + "\n")
-    files[1].write_text(markdown(results))
+    write_json(files[0], results)
+    write_atomic(files[1], markdown(results))
     try:
         plot(results, out / "results.png")
         files.append(out / "results.png")

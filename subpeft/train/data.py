@@ -478,18 +478,25 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows, columns = [], []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataFileError(f"{path}, line {n}: not a JSON object per line (JSONL): {exc}") from None
-                if not isinstance(row, dict):
-                    raise DataFileError(f"{path}, line {n}: each line must be a JSON object, got {type(row).__name__}")
-                rows.append(row)
-                columns += [k for k in row if k not in columns]
+        raw = path.read_bytes()
+        for n, data in enumerate(raw.splitlines(), 1):
+            try:
+                line = data.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(
+                    f"{path}, line {n}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1}); "
+                    "JSONL files must be UTF-8: convert it (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(f"{path}, line {n}: not a JSON object per line (JSONL): {exc}") from None
+            if not isinstance(row, dict):
+                raise DataFileError(f"{path}, line {n}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            columns += [k for k in row if k not in columns]
         return rows, columns
     if suffix in (".csv", ".tsv"):
         raw = path.read_bytes()
@@ -500,7 +507,14 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
         import io
 
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        return list(reader), list(reader.fieldnames or [])
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            # the reader's line_num counts the lines it finished; the bad field is on the next one
+            hint = (" (a field this long is usually an unclosed quote; otherwise shorten it or use JSONL)"
+                    if "field larger than field limit" in str(exc) else "")
+            raise DataFileError(f"{path}, line {reader.line_num + 1}: cannot read the CSV: {exc}{hint}") from None
+        return rows, list(reader.fieldnames or [])
     raise DataFileError(f"{path}: unknown file type {suffix!r}; use a .csv, .tsv or .jsonl file")
 
 
@@ -524,8 +538,10 @@ def load_data_file(
     column, a label column with one class, or a split left empty.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataFileError(f"--data {str(path)!r} is a folder; give a .csv, .tsv or .jsonl file")
     if not path.is_file():
-        raise DataFileError(f"data file {str(path)!r} does not exist")
+        raise DataFileError(f"--data {str(path)!r} does not exist")
     rows, columns = _read_rows(path)
     generation = prompt_col is not None or response_col is not None or (
         text_col is None and label_col is None and {"prompt", "response"} <= set(columns) and "label" not in columns

@@ -2,9 +2,11 @@
 
 A :class:`RunSpec` names the method (any registered method, or a baseline: ``full`` fine-tuning,
 ``head`` only, ``untrained``), its options, the model, the task and the training settings.
-:func:`train_run` builds everything, checks the input before any training (unknown method or task,
-bad options, data files without the named columns, a single class, empty splits), trains with
-:class:`~subpeft.train.trainer.Trainer`, and writes to the output folder:
+:func:`train_run` checks the input and loads everything before it writes anything (unknown method or
+task, bad options, numbers out of range or not finite, data files without the named columns, a single
+class, empty splits, a model folder that does not load, a non-empty output folder without ``resume`` or
+``overwrite``), trains with :class:`~subpeft.train.trainer.Trainer`, and writes to the output folder
+(JSON files replaced atomically; a run that fails before its first checkpoint leaves nothing behind):
 
 * the adapter (``adapter_model.safetensors`` + ``adapter_config.json``; a baseline writes
   ``trainable.safetensors``, its trained tensors), ``best/`` when evaluating every N steps,
@@ -24,11 +26,9 @@ caches), not tensors alone. On CUDA, ``torch.cuda.max_memory_allocated`` is repo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +46,8 @@ __all__ = [
     "RunLog",
     "RunSpec",
     "UsageError",
+    "check_method_options",
+    "check_out_dir",
     "default_lr",
     "eval_run",
     "load_run_base",
@@ -80,7 +82,117 @@ HEAD_NAMES = ("classifier", "score")
 
 
 class UsageError(ValueError):
-    """Bad command-line input; the message says what to change."""
+    """Bad command-line input; the message says what to change. ``field``: the RunSpec field at fault, if one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def option_name(field: str) -> str:
+    """How a user sets a RunSpec field: its command-line flag, or its key in a --spec / run.json file."""
+    if field in ("keep_checkpoint", "exact_match_limit"):
+        return f"{field!r} (in the --spec/run.json file)"
+    if field == "save":
+        return "--no-save"
+    if field == "options":
+        return "the method options (--set/--config)"
+    return "--" + field.replace("_", "-")
+
+
+def _bad(field: str, rule: str, value: Any) -> UsageError:
+    shown = repr(value) if isinstance(value, str) else value
+    return UsageError(f"{option_name(field)} {rule}, got {shown}", field)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# field: (lowest value, None allowed)
+_INT_FIELDS: dict[str, tuple[int, bool]] = {
+    "max_steps": (1, True), "batch_size": (1, False), "grad_accum": (1, False), "max_length": (2, False),
+    "seed": (0, False), "train_size": (0, True), "dev_size": (0, True), "test_size": (0, True),
+    "eval_every": (0, False), "save_every": (0, False), "max_new_tokens": (1, False),
+    "exact_match_limit": (0, True),
+}
+_INT_MAX = {"seed": 2**32 - 1}  # numpy's and most seeders' range
+_INT_HINTS = {
+    "train_size": " (0: the whole split)", "dev_size": " (0: the whole split)", "test_size": " (0: the whole split)",
+    "eval_every": " (0: never)", "save_every": " (0: only at the end and on Ctrl-C)",
+    "max_length": " (tokens per example)",
+}
+_FLOAT_RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
+# field: (rule, None allowed)
+_FLOAT_FIELDS: dict[str, tuple[str, bool]] = {
+    "epochs": ("> 0", False), "lr": ("> 0", True), "head_lr": ("> 0", True), "weight_decay": (">= 0", False),
+    "warmup_ratio": ("in [0, 1]", False), "max_grad_norm": ("> 0", True),
+}
+_FLOAT_HINTS = {
+    "max_grad_norm": " (the gradient clipping norm; default 1.0)", "lr": " (e.g. 2e-3)", "head_lr": " (e.g. 5e-3)",
+    "warmup_ratio": " (the share of the steps spent warming up)", "weight_decay": " (default 0)",
+}
+_BOOL_FIELDS = ("load_best_at_end", "eval_before", "save", "keep_checkpoint")
+_STR_FIELDS = ("model", "task", "data", "text_col", "label_col", "prompt_col", "response_col", "quantize", "device")
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _check_options(options: Any) -> None:
+    """Method options: a dict of names to JSON values, no NaN or infinity anywhere (a NaN option would
+    only show up later as a NaN loss, blamed on the learning rate)."""
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise _bad("options", "must be a JSON object of option names to values", options)
+    for key, value in options.items():
+        if _non_finite(value):
+            raise UsageError(f"method option {key}={value} (--set/--config): must be a finite number", "options")
+
+
+DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def _check_data_path(data: str) -> None:
+    path = Path(data).expanduser()
+    if path.is_dir():
+        raise UsageError(f"--data {data!r} is a folder; give a .csv, .tsv or .jsonl file", "data")
+    if not path.is_file():
+        raise UsageError(f"--data {data!r} does not exist; give a .csv, .tsv or .jsonl file", "data")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise UsageError(f"--data {data!r}: unknown file type {path.suffix!r}; give a .csv, .tsv or .jsonl file",
+                         "data")
+
+
+def _check_model(model: str) -> None:
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"--model {model!r}: not minilm, smollm2 or a local Hugging Face model folder", "model")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--model {model!r} is a folder without config.json, not a Hugging Face model folder",
+                         "model")
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N", "device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device!r}: CUDA is not available here; use --device cpu", "device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device!r}: there are {torch.cuda.device_count()} GPUs here", "device")
 
 
 def method_family(method: str) -> tuple[str, str]:
@@ -93,7 +205,7 @@ def method_family(method: str) -> tuple[str, str]:
     try:
         info = get_method(method)
     except ConfigError as exc:
-        raise UsageError(f"{exc}. Baselines: {', '.join(BASELINES)}") from None
+        raise UsageError(f"{exc}. Baselines: {', '.join(BASELINES)}", "method") from None
     return info.family, info.kind
 
 
@@ -161,8 +273,35 @@ class RunSpec:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        """Raise UsageError on settings that cannot work (before anything is loaded)."""
+        """Raise :class:`UsageError` on settings that cannot work, before anything is loaded or written: every
+        field's type and range (numbers finite), the method and its options' values, the task, the data
+        file, the model folder and the device. The one place where a run's settings are validated (train,
+        eval, compare and --resume all call it); the message names the option and what would be right."""
+        for name, (low, optional) in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            high = _INT_MAX.get(name)
+            if not _is_int(value) or value < low or (high is not None and value > high):
+                hint = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+                raise _bad(name, f"must be {hint}" + _INT_HINTS.get(name, ""), value)
+        for name, (rule, optional) in _FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not _is_number(value) or not math.isfinite(value) or not _FLOAT_RULES[rule](value):
+                raise _bad(name, f"must be a finite number {rule}" + _FLOAT_HINTS.get(name, ""), value)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, "must be true or false", getattr(self, name))
+        for name in _STR_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise _bad(name, "must be a string", value)
+        if not isinstance(self.method, str):
+            raise _bad("method", "must be a method name (see 'subpeft methods')", self.method)
         method_family(self.method)
+        _check_options(self.options)
         if self.method in BASELINES and self.options:
             raise UsageError(f"the baseline {self.method!r} takes no method options (got {sorted(self.options)})")
         if self.data is None and self.task is None:
@@ -171,25 +310,16 @@ class RunSpec:
             from .data import TASKS
 
             if self.task not in TASKS:
-                raise UsageError(f"unknown task {self.task!r}; available: {', '.join(sorted(TASKS))} "
-                                 "(or --data FILE for your own CSV/JSONL)")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise UsageError(f"--epochs must be > 0, got {self.epochs}")
-        for name in ("lr", "head_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        for name in ("train_size", "dev_size", "test_size"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (0: the whole split), got {value}")
+                raise UsageError(f"unknown task {self.task!r} (--task); available: {', '.join(sorted(TASKS))} (or "
+                                 "--data FILE for your own CSV/JSONL)", "task")
+        else:
+            _check_data_path(self.data)
+        if self.model not in (None, "minilm", "smollm2"):
+            _check_model(self.model)
         if self.quantize not in (None, "nf4"):
-            raise UsageError(f"--quantize must be 'nf4', got {self.quantize!r}")
+            raise _bad("quantize", "must be 'nf4'", self.quantize)
+        if self.device is not None:
+            _check_device(self.device)
 
     @property
     def resolved_lr(self) -> float:
@@ -206,16 +336,29 @@ class RunSpec:
 
 
 class RunLog:
-    """Lines to ``train.log`` (appended) and, unless quiet, to stderr (above the progress bar)."""
+    """Lines to ``train.log`` (appended) and, unless quiet, to stderr (above the progress bar). Without a
+    path the lines are kept until :meth:`open` names the file (a run writes nothing before it has
+    checked its input and loaded its model)."""
 
-    def __init__(self, path: str | os.PathLike | None, echo: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, echo: bool = True) -> None:
         self.path, self.echo = (Path(path) if path else None), echo
+        self.pending: list[str] = []
+
+    def open(self, path: str | os.PathLike) -> None:
+        """Write to ``path`` from now on, starting with the lines kept so far."""
+        self.path = Path(path)
+        lines, self.pending = self.pending, []
+        self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        if self.path is None:
+            self.pending += lines
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(lines)
 
     def __call__(self, message: str) -> None:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self._write([f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"])
         if self.echo:
             from tqdm.auto import tqdm
 
@@ -251,22 +394,25 @@ def model_name(spec: RunSpec, task: Task | PairTask) -> str:
 
 def load_base(spec: RunSpec, task: Task | PairTask):
     """(model, tokenizer) for the spec's model and the task's kind."""
+    from safetensors import SafetensorError
+
     from .models import load_folder, load_minilm_classifier, minilm_path, smollm2_path
 
     name = model_name(spec, task)
-    if name == "minilm":
-        if task.kind == "generation":
-            raise UsageError("minilm is an encoder and cannot generate: use --model smollm2 (or a causal LM folder) "
-                             "for a generation task")
-        return load_minilm_classifier(task.num_labels, seed=spec.seed, path=minilm_path())
-    if name == "smollm2":
-        path = smollm2_path()
-    elif Path(name).expanduser().is_dir():
-        path = name
-    else:
-        raise UsageError(f"unknown model {name!r}: use minilm, smollm2 or a local Hugging Face model folder "
-                         "(one holding config.json)")
-    return load_folder(path, task.kind, num_labels=getattr(task, "num_labels", None), seed=spec.seed)
+    if name == "minilm" and task.kind == "generation":
+        raise UsageError("minilm is an encoder and cannot generate: use --model smollm2 (or a causal LM folder) "
+                         "for a generation task", "model")
+    if name not in ("minilm", "smollm2") and not Path(name).expanduser().is_dir():
+        raise UsageError(f"unknown model {name!r} (--model): use minilm, smollm2 or a local Hugging Face model "
+                         "folder (one holding config.json)", "model")
+    try:
+        if name == "minilm":
+            return load_minilm_classifier(task.num_labels, seed=spec.seed, path=minilm_path())
+        path = smollm2_path() if name == "smollm2" else name
+        return load_folder(path, task.kind, num_labels=getattr(task, "num_labels", None), seed=spec.seed)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # a damaged or foreign folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model {name}: cannot load the model: {first}", "model") from None
 
 
 def _quantize(model: nn.Module, scheme: str) -> tuple[nn.Module, int]:
@@ -293,9 +439,10 @@ def total_steps(spec: RunSpec, num_train: int) -> int:
     return max(1, math.ceil(spec.epochs * per_epoch / spec.grad_accum))
 
 
-def method_config(spec: RunSpec, model: nn.Module, task: Task | PairTask, steps: int):
-    """The method's config from the spec's options, completed: a fresh classification head trains with
-    the adapter (``modules_to_save``), and ``total_steps`` (AdaLoRA's budget schedule) is the run's."""
+def method_config(spec: RunSpec, model: nn.Module | None, task: Task | PairTask, steps: int):
+    """The method's config from the spec's options, completed: a fresh classification head of ``model``
+    trains with the adapter (``modules_to_save``), and ``total_steps`` (AdaLoRA's budget schedule) is the
+    run's."""
     from ..core.errors import ConfigError
     from ..core.registry import config_from_dict, get_method
 
@@ -306,9 +453,9 @@ def method_config(spec: RunSpec, model: nn.Module, task: Task | PairTask, steps:
     fields = {f.name for f in dataclasses.fields(info.config_cls) if f.init}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise UsageError(f"{spec.method} has no option {', '.join(map(repr, unknown))}; its options are "
-                         f"{', '.join(sorted(fields))}")
-    if task.kind == "classification" and "modules_to_save" not in options:
+        raise UsageError(f"{spec.method} has no option {', '.join(map(repr, unknown))} (--set/--config); its "
+                         f"options are {', '.join(sorted(fields))}", "options")
+    if model is not None and task.kind == "classification" and "modules_to_save" not in options:
         heads = head_modules(model)
         if heads:
             options["modules_to_save"] = heads
@@ -317,7 +464,14 @@ def method_config(spec: RunSpec, model: nn.Module, task: Task | PairTask, steps:
     try:
         return config_from_dict({"method": spec.method, **options})
     except (ConfigError, TypeError) as exc:
-        raise UsageError(f"{spec.method} options {options}: {exc}") from None
+        raise UsageError(f"method option of {spec.method} (--set/--config): {exc}", "options") from None
+
+
+def check_method_options(spec: RunSpec, task: Task | PairTask, steps: int) -> None:
+    """Build the method's config from the spec's options (without the model): bad option names and values
+    fail here, before the model is loaded."""
+    if spec.method not in BASELINES:
+        method_config(spec, None, task, steps)
 
 
 def prepare_model(spec: RunSpec, model: nn.Module, task: Task | PairTask, steps: int) -> nn.Module:
@@ -361,35 +515,69 @@ def _device(spec: RunSpec) -> torch.device:
 # --------------------------------------------------------------------------- train
 
 
+def check_out_dir(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output folder that a run would damage: a file, a folder inside a file, a non-empty folder
+    without ``resume`` or ``overwrite``, ``resume`` without a checkpoint."""
+    from .files import run_files
+    from .trainer import find_checkpoint
+
+    if resume and overwrite:
+        raise UsageError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a folder; give a folder name")
+    parent = out
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a folder")
+    if resume:
+        if find_checkpoint(out) is None:
+            from .trainer import ResumeError
+
+            raise ResumeError(f"--resume: no checkpoint in {str(out / 'checkpoints' / 'last')!r}; start the run "
+                              "without --resume")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "holds a run" if run_files(out) else "is not empty"
+        raise UsageError(f"--out {str(out)!r} {what}: continue that run with --resume, replace it with --overwrite "
+                         "(only the files a run writes are removed), or choose another --out")
+
+
 def train_run(
     spec: RunSpec,
     out_dir: str | os.PathLike,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     echo: bool = True,
     on_step=None,
 ) -> dict[str, Any]:
-    """Train as the spec says, write the outputs to ``out_dir`` and return the metrics."""
-    from .trainer import TrainArgs, Trainer
+    """Train as the spec says, write the outputs to ``out_dir`` and return the metrics.
+
+    Everything is checked and loaded before anything is written (the spec, the output folder, the data,
+    the method options, the model, the checkpoint to resume). A non-empty ``out_dir`` needs ``resume``
+    (continue its run from the checkpoint) or ``overwrite`` (replace its run: only the files a run writes
+    are removed, right before the new run writes its own). A run that fails before its first checkpoint
+    leaves nothing behind: the folders it created are removed, or else the files it wrote.
+    """
+    from .files import first_missing, remove_created, remove_run_files, write_json
+    from .trainer import ResumeError, TrainArgs, Trainer, find_checkpoint, read_state
     from .workloads import make_workload
 
     wall = time.perf_counter()
     spec.check()
     out = Path(out_dir)
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    if resume:
+        read_state(find_checkpoint(out))  # a damaged checkpoint fails now, not after loading the model
     need_dev = spec.eval_every > 0 or spec.load_best_at_end
     task = build_task(spec, need_dev=need_dev)
     if spec.method == "head" and task.kind == "generation":
         raise UsageError("--method head needs a classification task (a causal LM has no fresh head); "
                          "compare against 'untrained' instead")
-    if not resume:
-        for sub in ("checkpoints", "best"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for name in ("metrics.json", "train.log"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out / "train.log", echo=echo)
-    (out / "run.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    steps = total_steps(spec, len(task.train))
+    check_method_options(spec, task, steps)
+    log = RunLog(echo=echo)  # kept until the folder is written
     log(f"data   {task.summary()}")
 
     model, tokenizer = load_base(spec, task)
@@ -401,7 +589,6 @@ def train_run(
     model.to(device)
     workload = make_workload(task, tokenizer, max_length=spec.max_length, max_new_tokens=spec.max_new_tokens,
                              exact_match_limit=spec.exact_match_limit or None)
-    steps = total_steps(spec, len(task.train))
     before = None
     if spec.eval_before or spec.method == "untrained":
         before = workload.evaluate(model, "test")
@@ -413,11 +600,7 @@ def train_run(
     family, kind = method_family(spec.method)
     log(f"model  {model_name(spec, task)} + {spec.method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.3f}%)")
-
-    state = None
-    rss_before = _max_rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    trainer = None
     if spec.method != "untrained":
         args = TrainArgs(
             total_steps=steps, lr=spec.resolved_lr, batch_size=spec.batch_size, grad_accum=spec.grad_accum,
@@ -426,66 +609,104 @@ def train_run(
             load_best_at_end=spec.load_best_at_end, keep_checkpoint=spec.keep_checkpoint, progress=progress,
             head_lr=spec.resolved_head_lr if heads else None, head_modules=heads,
         )
-        log(f"train  {steps} optimizer steps of {spec.batch_size}x{spec.grad_accum} examples, lr {args.lr:g}"
-            + (f" (head {args.head_lr:g})" if args.head_lr is not None else "") + f", seed {spec.seed}")
         trainer = Trainer(model, workload, args, out, log=log, on_step=on_step)
-        state = trainer.train(resume=resume)
-        if hasattr(model, "finalize") and callable(model.finalize):
-            model.finalize()
-    rss_after = _max_rss_mb()
-    memory = {
-        "max_rss_mb": round(rss_after, 1),
-        "max_rss_rise_during_training_mb": round(max(0.0, rss_after - rss_before), 1),
-        "what": "rise of the process's max resident set size (getrusage ru_maxrss) over the training loop",
-    }
-    if device.type == "cuda":
-        memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    if spec.save and spec.method != "untrained":
-        from .trainer import save_model_state
+        if resume:
+            trainer.resume()  # loads the checkpoint; changed settings fail before anything is written
+    elif resume:
+        raise ResumeError("--resume: the baseline 'untrained' does not train; run it again without --resume")
 
-        save_model_state(model, out)
+    # From here on the run writes to its folder. If it fails before its first checkpoint, it leaves nothing.
+    created = first_missing(out)
+    try:
+        if overwrite:
+            remove_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", spec.to_dict())
+        log.open(out / "train.log")
+        state = None
+        rss_before = _max_rss_mb()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if trainer is not None:
+            log(f"train  {steps} optimizer steps of {spec.batch_size}x{spec.grad_accum} examples, lr {args.lr:g}"
+                + (f" (head {args.head_lr:g})" if args.head_lr is not None else "") + f", seed {spec.seed}")
+            try:
+                state = trainer.train(resume=resume)
+            except FloatingPointError as exc:
+                raise FloatingPointError(_diverged(exc, spec)) from None
+            if hasattr(model, "finalize") and callable(model.finalize):
+                model.finalize()
+        rss_after = _max_rss_mb()
+        memory = {
+            "max_rss_mb": round(rss_after, 1),
+            "max_rss_rise_during_training_mb": round(max(0.0, rss_after - rss_before), 1),
+            "what": "rise of the process's max resident set size (getrusage ru_maxrss) over the training loop",
+        }
+        if device.type == "cuda":
+            memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        if spec.save and spec.method != "untrained":
+            from .trainer import save_model_state
 
-    test = workload.evaluate(model, "test")
-    metrics: dict[str, Any] = {
-        "method": spec.method,
-        "family": family,
-        "model": model_name(spec, task),
-        "task": spec.data or spec.task,
-        "kind": task.kind,
-        "metric": workload.metric,
-        "greater_is_better": workload.greater_is_better,
-        "seed": spec.seed,
-        "lr": spec.resolved_lr if spec.method != "untrained" else None,
-        "head_lr": spec.resolved_head_lr if spec.method != "untrained" and heads else None,
-        "test": test,
-        "trainable_parameters": trainable if spec.method != "untrained" else 0,
-        "total_parameters": total,
-        "trainable_percent": 100 * trainable / max(total, 1) if spec.method != "untrained" else 0.0,
-        "peak_memory": memory,
-        "splits": {n: len(task.split(n)) for n in SPLITS},
-    }
-    if quantized is not None:
-        metrics["quantized_layers"] = quantized
-    if before is not None:
-        metrics["untrained_test"] = before
-    if state is not None:
-        metrics.update(
-            steps=state.global_step,
-            epochs=state.micro / math.ceil(len(task.train) / spec.batch_size),
-            train_seconds=state.seconds,
-            train_loss_first=state.tail_loss(first=True),
-            train_loss_last=state.tail_loss(),
-            regularization_last=state.regularization[-1] if state.regularization else 0.0,
-        )
-        if state.evals:
-            metrics["dev"] = {"best_step": state.best_step, "best": state.best_score, "history": state.evals}
-    if hasattr(model, "configs") and getattr(model, "active_adapter", None):
-        metrics["config"] = model.configs[model.active_adapter].to_dict()
-    metrics["wall_seconds"] = time.perf_counter() - wall
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            save_model_state(model, out)
+
+        test = workload.evaluate(model, "test")
+        metrics: dict[str, Any] = {
+            "method": spec.method,
+            "family": family,
+            "model": model_name(spec, task),
+            "task": spec.data or spec.task,
+            "kind": task.kind,
+            "metric": workload.metric,
+            "greater_is_better": workload.greater_is_better,
+            "seed": spec.seed,
+            "lr": spec.resolved_lr if spec.method != "untrained" else None,
+            "head_lr": spec.resolved_head_lr if spec.method != "untrained" and heads else None,
+            "test": test,
+            "trainable_parameters": trainable if spec.method != "untrained" else 0,
+            "total_parameters": total,
+            "trainable_percent": 100 * trainable / max(total, 1) if spec.method != "untrained" else 0.0,
+            "peak_memory": memory,
+            "splits": {n: len(task.split(n)) for n in SPLITS},
+        }
+        if quantized is not None:
+            metrics["quantized_layers"] = quantized
+        if before is not None:
+            metrics["untrained_test"] = before
+        if state is not None:
+            metrics.update(
+                steps=state.global_step,
+                epochs=state.micro / math.ceil(len(task.train) / spec.batch_size),
+                train_seconds=state.seconds,
+                train_loss_first=state.tail_loss(first=True),
+                train_loss_last=state.tail_loss(),
+                regularization_last=state.regularization[-1] if state.regularization else 0.0,
+            )
+            if state.evals:
+                metrics["dev"] = {"best_step": state.best_step, "best": state.best_score, "history": state.evals}
+        if hasattr(model, "configs") and getattr(model, "active_adapter", None):
+            metrics["config"] = model.configs[model.active_adapter].to_dict()
+        metrics["wall_seconds"] = time.perf_counter() - wall
+        write_json(out / "metrics.json", metrics)
+    except BaseException:
+        if not resume and find_checkpoint(out) is None:  # nothing produced yet: leave nothing behind
+            if created is not None:
+                remove_created(created)
+            else:
+                remove_run_files(out)
+        raise
     log(f"test   {workload.metric} {test[workload.metric]:.4f} ({test['examples']} examples); "
         f"wrote {out / 'metrics.json'}")
     return metrics
+
+
+def _diverged(exc: FloatingPointError, spec: RunSpec) -> str:
+    """The trainer's message about a non-finite loss, with the method options that could have caused it."""
+    message = str(exc)
+    if spec.options:
+        shown = ", ".join(f"{k}={v}" for k, v in spec.options.items() if not isinstance(v, (list, dict, str)))
+        if shown:
+            message += f" (method options: {shown})"
+    return message
 
 
 # --------------------------------------------------------------------------- eval
@@ -504,9 +725,11 @@ def load_run_base(directory: str | os.PathLike, overrides: dict[str, Any] | None
     """The spec, task and fresh base model (and tokenizer) of the run that wrote ``directory``, read from
     the ``run.json`` beside it (or above it), with ``overrides`` (keys of :class:`RunSpec`) applied; the
     base is quantised as the run's was, so that an adapter trained on a 4-bit base sees that base."""
+    from .files import read_json
+
     directory = Path(directory)
     run_json = find_run_json(directory)
-    data = json.loads(run_json.read_text()) if run_json else {}
+    data = read_json(run_json, "the run's settings") if run_json else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "data" in overrides:
         data["task"] = None

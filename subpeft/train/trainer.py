@@ -45,8 +45,10 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingInterrupted",
+    "find_checkpoint",
     "load_model_state",
     "model_tensors",
+    "read_state",
     "save_model_state",
 ]
 
@@ -98,12 +100,22 @@ class TrainArgs:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        finite = {name: getattr(self, name) for name in ("lr", "head_lr", "weight_decay", "warmup_ratio",
+                                                           "max_grad_norm")}
+        for name, value in finite.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.head_lr is not None and not self.head_lr > 0:
             raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (None: no clipping), got {self.max_grad_norm}")
 
     # settings a resumed run must share with the run that wrote the checkpoint
     _FINGERPRINT = ("total_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_ratio",
@@ -134,6 +146,34 @@ class TrainState:
         k = max(1, len(self.losses) // 10)
         part = self.losses[:k] if first else self.losses[-k:]
         return sum(part) / len(part)
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def find_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """``<out_dir>/checkpoints/last`` (or its predecessor, if a save was cut between two renames), if it
+    holds a trainer state."""
+    last = Path(out_dir) / "checkpoints" / "last"
+    for path in (last, last.with_name(".last.old")):
+        if (path / STATE_NAME).is_file():
+            return path
+    return None
+
+
+def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder; :class:`ResumeError` naming the file when it is damaged."""
+    from .files import UnreadableFileError, read_json
+
+    path = Path(checkpoint) / STATE_NAME
+    try:
+        doc = read_json(path, "--resume")
+    except UnreadableFileError as exc:
+        raise ResumeError(str(exc)) from None
+    missing = [k for k in ("state", "args", "optimizer", "scheduler", "rng") if k not in doc]
+    if missing:
+        raise ResumeError(f"--resume: {str(path)!r} lacks {missing} (not written by this version of subpeft?)")
+    return doc
 
 
 # --------------------------------------------------------------------------- model state
@@ -319,6 +359,7 @@ class Trainer:
         )
         self.batches_per_epoch = math.ceil(workload.num_train / args.batch_size)
         self._order_epoch, self._order = -1, []
+        self._resumed_from: Path | None = None
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -373,27 +414,42 @@ class Trainer:
 
     def find_checkpoint(self) -> Path | None:
         """``checkpoints/last`` (or its predecessor, if a save was cut between two renames)."""
-        if self.checkpoint_dir is None:
-            return None
-        for path in (self.checkpoint_dir, self.checkpoint_dir.with_name(".last.old")):
-            if (path / STATE_NAME).is_file():
-                return path
-        return None
+        return find_checkpoint(self.out_dir) if self.out_dir is not None else None
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, scheduler, RNG and progress from a checkpoint folder."""
+        from safetensors import SafetensorError
+
         path = Path(path)
-        doc = json.loads((path / STATE_NAME).read_text())
+        doc = read_state(path)
         saved, now = doc["args"], self.args.fingerprint()
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
         if diff:
             raise ResumeError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diff)}). "
                               "Resume with the original settings, or start a new run in another folder.")
-        load_model_state(self.model, path)
-        _optimizer_from_files(self.optimizer, _load_tensors(path / "optimizer.safetensors"), doc["optimizer"])
-        self.scheduler.load_state_dict(doc["scheduler"])
-        _rng_from_files(_load_tensors(path / "rng.safetensors"), doc["rng"])
-        self.state = TrainState(**doc["state"])
+        try:
+            load_model_state(self.model, path)
+            _optimizer_from_files(self.optimizer, _load_tensors(path / "optimizer.safetensors"), doc["optimizer"])
+            self.scheduler.load_state_dict(doc["scheduler"])
+            _rng_from_files(_load_tensors(path / "rng.safetensors"), doc["rng"])
+            self.state = TrainState(**doc["state"])
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError) as exc:
+            from ..core.errors import SubpeftError
+
+            if isinstance(exc, (ResumeError, SubpeftError)):
+                raise
+            raise ResumeError(f"--resume: the checkpoint in {str(path)!r} is damaged or incomplete: "
+                              f"{type(exc).__name__}: {exc}") from None
+        self._resumed_from = path
+
+    def resume(self) -> Path:
+        """Load the run's checkpoint (what ``train(resume=True)`` continues from); :class:`ResumeError`
+        when there is none, it is damaged or the settings changed."""
+        path = self.find_checkpoint()
+        if path is None:
+            raise ResumeError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}; run without --resume")
+        self.load_checkpoint(path)
+        return path
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate_dev(self) -> None:
@@ -405,8 +461,10 @@ class Trainer:
         if improved:
             self.state.best_score, self.state.best_step = score, self.state.global_step
             if self.best_dir is not None:
+                from .files import write_json
+
                 save_model_state(self.model, self.best_dir)
-                (self.best_dir / "best.json").write_text(json.dumps(self.state.evals[-1], indent=2) + "\n")
+                write_json(self.best_dir / "best.json", self.state.evals[-1])
         self.log(f"step {self.state.global_step}: dev {self.workload.metric} {score:.4f}"
                  + (" (best so far)" if improved else f" (best {self.state.best_score:.4f} at step {self.state.best_step})"))
 
@@ -421,10 +479,7 @@ class Trainer:
         """Run until ``total_steps`` optimizer steps are done (continuing the saved run with ``resume``)."""
         args, model, state = self.args, self.model, self.state
         if resume:
-            path = self.find_checkpoint()
-            if path is None:
-                raise ResumeError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}; run without --resume")
-            self.load_checkpoint(path)
+            path = self._resumed_from if self._resumed_from is not None else self.resume()
             state = self.state
             self.log(f"resumed from {path} at optimizer step {state.global_step} of {args.total_steps}")
         else:
@@ -461,9 +516,17 @@ class Trainer:
                         reg_value += float(reg.detach() if torch.is_tensor(reg) else reg) / args.grad_accum
                     (loss / args.grad_accum).backward()
                 if not math.isfinite(task_loss + reg_value):
+                    what = "the loss" if math.isfinite(reg_value) or not math.isfinite(task_loss) else \
+                        "the method's regularization term"
+                    if state.global_step == 0:  # no update yet: the learning rate cannot be the cause
+                        raise FloatingPointError(
+                            f"{what} is {task_loss + reg_value} before the first optimizer step, so the learning "
+                            "rate is not the cause: the model with the method attached gives it; check the "
+                            "method options (--set/--config), the model and the data"
+                        )
                     raise FloatingPointError(
-                        f"the loss became {task_loss + reg_value} at optimizer step {state.global_step + 1}; "
-                        f"try a lower learning rate (now {args.lr})"
+                        f"{what} became {task_loss + reg_value} at optimizer step {state.global_step + 1}; "
+                        f"try a lower learning rate (--lr, now {args.lr:g})"
                     )
                 if args.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
