@@ -318,6 +318,9 @@ class RunSpec:
             _check_model(self.model)
         if self.quantize not in (None, "nf4"):
             raise _bad("quantize", "must be 'nf4'", self.quantize)
+        if self.load_best_at_end and not self.eval_every:
+            raise UsageError("--load-best-at-end needs --eval-every N (the best adapter is chosen on the dev split "
+                             "every N steps)", "load_best_at_end")
         if self.device is not None:
             _check_device(self.device)
 

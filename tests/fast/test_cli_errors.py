@@ -217,6 +217,13 @@ def test_nan_method_options_name_the_option_not_the_learning_rate(tiny, tmp_path
         assert not out.exists()
 
 
+def test_load_best_at_end_needs_eval_every(tiny, tmp_path, capsys):  # noqa: F811
+    """Without --eval-every nothing is evaluated on dev, so there is no best adapter to end with."""
+    assert _run(_train(tiny, tmp_path / "r", "--load-best-at-end")) == 2
+    assert "--eval-every" in _one_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
 def test_set_without_a_value_is_a_usage_error(tiny, tmp_path, capsys):  # noqa: F811
     assert _run(_train(tiny, tmp_path / "r", "--set", "r")) == 2
     assert "--set" in _one_line(capsys)
