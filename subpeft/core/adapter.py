@@ -5,7 +5,9 @@ A weight-space method provides two views of the same transformation φ(W):
 - ``forward(x, base)``: the efficient path; ``base(x)`` computes the layer below (the frozen base
   layer, or the adapters stacked under this one);
 - ``merged_params()``: φ as new values of the base layer's tensors (by default
-  ``{"weight": W + delta_weight()}``), used by merge, unmerge, export and analysis.
+  ``{"weight": apply_to_weight(W)}`` = ``{"weight": W + delta_weight()}``), used by merge, export
+  and analysis. Unmerge does not invert it: the layer keeps the tensors a merge overwrote and puts
+  them back bit for bit (:class:`~subpeft.core.layer.AdaptedLayer`).
 
 The generic test matrix checks that both views agree for every registered method.
 
@@ -40,6 +42,14 @@ class Adapter(nn.Module):
     #: the method rewrites the model call itself (UniPELT's prefix), so it cannot run together with a
     #: prompt-kind adapter, which rewrites the same call
     rewrites_calls: ClassVar[bool] = False
+    #: the forward is ``base(x) + g(x)`` with g independent of the layer below (LoRA-type, VeRA, BitFit,
+    #: ...): such adapters commute, so one may be merged while another stays unmerged below it.
+    #: False (the safe default) for methods that transform what the layer below computes (scalings,
+    #: DoRA's normalisation, bottleneck modules)
+    additive: ClassVar[bool] = False
+    #: the forward reads the weight as the adapters running below it on the same layer leave it
+    #: (DoRA's row norm): the layer then passes them as ``forward(x, base, below=(...))``
+    reads_stack: ClassVar[bool] = False
 
     def __init__(
         self, config: AdapterConfig, base_layer: nn.Module, layer_type: str, *, name: str = "",
@@ -105,17 +115,41 @@ class Adapter(nn.Module):
         """φ(W) − W in the base layer's native weight layout (additive methods)."""
         raise NotImplementedError(f"{type(self).__name__} does not define delta_weight()")
 
+    def apply_to_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """φ's weight for the weight ``w`` below this adapter (native layout, w's dtype): ``w + ΔW``
+        for additive methods; a method whose φ reads W (scalings, DoRA) applies itself to ``w``."""
+        return w + self.delta_weight().to(w.dtype)
+
     def merged_params(self) -> dict[str, torch.Tensor]:
         """New values for the base layer's tensors with this adapter folded in."""
         w = base_weight(self.base_layer)  # the weight itself; dequantised for a 4-bit layer
-        return {"weight": w + self.delta_weight().to(w.dtype)}
+        return {"weight": self.apply_to_weight(w)}
+
+    def stack_weight(self, below: tuple[Adapter, ...]) -> torch.Tensor:
+        """The base layer's weight as the adapters ``below`` (running under this one on the same
+        layer, bottom first) leave it: what a merge of them in that order would write. Adapters
+        without a weight form (not mergeable) are left out. No autograd graph."""
+        with torch.no_grad():
+            w = base_weight(self.base_layer)
+            for adapter in below:
+                if type(adapter).mergeable and adapter.config.mergeable:
+                    w = adapter.apply_to_weight(w)
+            return w
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
-        """Inverse of :meth:`merged_params`, applied to the merged base layer."""
+        """Inverse of :meth:`merged_params`, applied to the merged base layer (up to round-off; unmerge
+        itself restores the saved tensors exactly, this serves analysis of a merged adapter)."""
         w = base_weight(self.base_layer)
         return {"weight": w - self.delta_weight().to(w.dtype)}
 
     # -- parameter accounting ------------------------------------------------------------------
+    @classmethod
+    def usable_rank(cls, config: AdapterConfig, base_layer: nn.Module, layer_type: str) -> int | None:
+        """The largest value of the config's rank ``r`` this layer can make use of (LoRA-type:
+        min(d_in, d_out)); None for methods without a rank, or that clamp it themselves. Attach warns
+        for layers below the rank asked for and refuses a rank no targeted layer can use."""
+        return None
+
     @classmethod
     def num_params(cls, config: AdapterConfig, base_layer: nn.Module, layer_type: str) -> int:
         """Trainable numbers this method adds to one layer (the METHODS.md formula)."""

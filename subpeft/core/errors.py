@@ -27,3 +27,7 @@ class UnsafeMergeError(SubpeftError):
 
 class AdapterNameError(SubpeftError):
     """An unknown, duplicate or invalid adapter name."""
+
+
+class AdapterLoadWarning(UserWarning):
+    """An adapter that loads but is suspect: NaN or inf in its tensors (named in the message)."""

@@ -1,11 +1,17 @@
 """Wrappers that replace modules of the base model.
 
 - :class:`AdaptedLayer` wraps one base layer and holds its named adapters, the active set and the
-  merge state. Its forward chains the active, unmerged adapters around the base layer. On a 4-bit
-  base (:mod:`subpeft.quant`) a merge dequantises, adds and requantises: the error requantising
-  introduced is recorded per adapter in ``quant_error`` ({"max_abs", "rel_fro"}, see
-  :func:`subpeft.quant.merge_errors`), and unmerge restores the 4-bit weight held before the merge
-  exactly.
+  merge state. Its forward chains the active, unmerged adapters around the base layer (the first
+  active one innermost; merged adapters are in the weight, below all of them).
+
+  Merge and unmerge, one mechanism for every method and weight format: a merge keeps the tensors it
+  overwrites (a copy of a dense weight or bias; for a 4-bit weight its packed codes and quant state,
+  no copy, as requantising replaces both) and unmerge puts them back, so the base is restored bit
+  for bit in any dtype, however many cycles run and whatever the adapter's values (a float inverse
+  such as W + ΔW − ΔW drifts in bfloat16 and cannot undo NaN). A merge that would write NaN/inf
+  where the base was finite raises :class:`UnsafeMergeError` before writing. On a 4-bit base a merge
+  dequantises, adds and requantises: the error requantising introduced is recorded per adapter in
+  ``quant_error`` ({"max_abs", "rel_fro"}, see :func:`subpeft.quant.merge_errors`).
 - :class:`TrainableCopy` wraps a module listed in ``modules_to_save``: one trainable copy per
   adapter, the original kept for ``disable_adapter()`` and ``unload()``.
 """
@@ -32,10 +38,10 @@ class AdaptedLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self.disabled = False
-        # 4-bit base only: per merged adapter, the error requantising introduced, and the packed
-        # weight before its merge (restored exactly by unmerge)
+        # per merged adapter: the base tensors its merge overwrote, put back by unmerge
+        self._saved: dict[str, dict[str, object]] = {}
+        # 4-bit base only: per merged adapter, the error requantising introduced
         self.quant_error: dict[str, dict[str, float]] = {}
-        self._quant_saved: dict[str, tuple] = {}
 
     def __getattr__(self, name: str):
         try:
@@ -58,8 +64,11 @@ class AdaptedLayer(nn.Module):
         base = self.base_layer if not (args or kwargs) else partial(self.base_layer, *args, **kwargs)
         if len(running) == 1:
             return running[0](x, base)
-        for adapter in running:
-            base = partial(adapter, base=base)
+        for i, adapter in enumerate(running):
+            if i and adapter.reads_stack:
+                base = partial(adapter, base=base, below=tuple(running[:i]))
+            else:
+                base = partial(adapter, base=base)
         return base(x)
 
     # -- merging ---------------------------------------------------------------------------------
@@ -78,29 +87,68 @@ class AdaptedLayer(nn.Module):
                 target.copy_(value.to(target.dtype))
         return error
 
-    def check_mergeable(self, name: str) -> None:
+    def _check_finite(self, name: str, values: dict[str, torch.Tensor], where: str = "") -> None:
+        """UnsafeMergeError if writing ``values`` would put NaN/inf where the base tensor is finite."""
+        for pname, value in values.items():
+            bad = ~torch.isfinite(value)
+            if not bool(bad.any()):
+                continue
+            if pname == "weight" and is_quantized(self.base_layer):
+                from .layers import base_weight
+
+                current = base_weight(self.base_layer)
+            else:
+                current = getattr(self.base_layer, pname)
+            if bool((bad & torch.isfinite(current)).any()):
+                layer = f" of layer {where!r}" if where else " of this layer"
+                raise UnsafeMergeError(
+                    f"merging adapter {name!r} would write NaN/inf into {pname!r}{layer}; nothing was merged "
+                    f"(check the adapter's tensors)"
+                )
+
+    def check_mergeable(self, name: str, where: str = "") -> None:
         """Raise UnsafeMergeError if merging adapter `name` would write NaN/inf."""
         with torch.no_grad():
-            for pname, value in self.adapters[name].merged_params().items():
-                if not torch.isfinite(value).all():
-                    raise UnsafeMergeError(
-                        f"merging adapter {name!r} would write NaN/inf into {pname!r} of this layer; "
-                        f"nothing was merged (check the adapter's tensors)"
-                    )
+            self._check_finite(name, self.adapters[name].merged_params(), where)
 
-    def merge(self, name: str) -> None:
+    def _snapshot(self, names) -> dict[str, object]:
+        """The base tensors ``names`` as they are now, for :meth:`_restore`."""
+        saved: dict[str, object] = {}
+        for pname in names:
+            if pname == "weight" and is_quantized(self.base_layer):
+                from ..quant.nf4 import snapshot
+
+                saved[pname] = snapshot(self.base_layer)
+            else:
+                saved[pname] = getattr(self.base_layer, pname).detach().clone()
+        return saved
+
+    def _restore(self, saved: dict[str, object]) -> None:
+        for pname, value in saved.items():
+            if pname == "weight" and is_quantized(self.base_layer):
+                from ..quant.nf4 import restore
+
+                restore(self.base_layer, value)
+            else:
+                getattr(self.base_layer, pname).copy_(value)
+
+    def merge(self, name: str, *, keep: bool = True, where: str = "") -> None:
+        """Fold adapter ``name`` into the base tensors. ``keep=False`` keeps no copy of what it
+        overwrites (for merge_and_unload, which never unmerges): unmerge then falls back to the
+        adapter's approximate inverse."""
         if name in self.merged:
             return
         with torch.no_grad():
             values = self.adapters[name].merged_params()
-            if is_quantized(self.base_layer) and "weight" in values:
-                from ..quant.nf4 import snapshot, warn_requantized
+            self._check_finite(name, values, where)
+            if keep:
+                self._saved[name] = self._snapshot(values)
+            error = self._write(values)
+            if error is not None:
+                from ..quant.nf4 import warn_requantized
 
-                self._quant_saved[name] = snapshot(self.base_layer)
-                self.quant_error[name] = self._write(values)
+                self.quant_error[name] = error
                 warn_requantized()
-            else:
-                self._write(values)
         self.merged.append(name)
 
     def unmerge(self, name: str | None = None) -> None:
@@ -119,15 +167,12 @@ class AdaptedLayer(nn.Module):
 
     def _unmerge_one(self, name: str) -> None:
         with torch.no_grad():
-            values = self.adapters[name].unmerged_params()
-            saved = self._quant_saved.pop(name, None)
-            if saved is not None:  # a 4-bit weight: back to its exact state before the merge
-                from ..quant.nf4 import restore
-
-                restore(self.base_layer, saved)
-                values = {k: v for k, v in values.items() if k != "weight"}
-                self.quant_error.pop(name, None)
-            self._write(values)
+            saved = self._saved.pop(name, None)
+            if saved is not None:  # the tensors before the merge, exactly
+                self._restore(saved)
+            else:
+                self._write(self.adapters[name].unmerged_params())
+        self.quant_error.pop(name, None)
         self.merged.remove(name)
 
 

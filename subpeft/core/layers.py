@@ -117,6 +117,18 @@ def weight_2d(module: nn.Module, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown layer type {kind!r}")
 
 
+def to_2d(module: nn.Module, kind: str, w: torch.Tensor) -> torch.Tensor:
+    """A weight ``w`` in the layer's native layout as a (d_out, d_in) matrix (:func:`weight_2d` of a
+    given tensor, e.g. the weight as the adapters below another one leave it)."""
+    if kind == "linear":
+        return w
+    if kind in ("conv1d", "embedding"):
+        return w.t()
+    if kind == "conv2d":
+        return w.reshape(w.shape[0], -1)
+    raise ValueError(f"unknown layer type {kind!r}")
+
+
 def from_2d(module: nn.Module, kind: str, mat: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`weight_2d`: a (d_out, d_in) matrix in the layer's native weight layout."""
     if kind == "linear":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import AdapterConfig
-from .errors import AdapterLoadError, AdapterNameError, ConfigError, SubpeftError
+from .errors import AdapterLoadError, AdapterLoadWarning, AdapterNameError, ConfigError, SubpeftError
 from .io import read_config, read_tensors, write_adapter
 from .layer import AdaptedLayer, TrainableCopy
 from .registry import config_from_dict, method_for_config
@@ -41,6 +42,13 @@ class TunedModel(nn.Module):
         super().__init__()
         if isinstance(model, TunedModel):
             raise TypeError("model already has adapters: use tuned.add_adapter(name, config)")
+        held = next((n for n, m in model.named_modules() if isinstance(m, (AdaptedLayer, TrainableCopy))), None)
+        if held is not None:
+            raise SubpeftError(
+                f"this model already holds subpeft layers (e.g. {held or 'the model itself'!r}): it is the .model of a "
+                f"TunedModel; add another adapter to that one with tuned.add_adapter(name, config) (or "
+                f"tuned.load_adapter(directory, name)), or take tuned.unload() / tuned.merge_and_unload() first"
+            )
         self.model = model
         # state shared by all layers of one named adapter (Adapter.create_shared), saved once
         self.shared = nn.ModuleDict()
@@ -128,6 +136,7 @@ class TunedModel(nn.Module):
                 module = self.model.get_submodule(name)
                 base = module.base_layer if isinstance(module, AdaptedLayer) else module
                 layers.append((name, base, candidate_type(module)))
+            _check_rank(adapter_cls, config, layers)
             shared = adapter_cls.create_shared(config, layers)
             if shared is not None:
                 self.shared[adapter_name] = shared
@@ -325,19 +334,65 @@ class TunedModel(nn.Module):
         return names
 
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
-        """Fold the (active) adapters into the base weights. ``safe=True`` refuses NaN/inf and then
-        changes nothing."""
-        names = self._merge_names(adapter_names)
-        layers = [layer for _, layer in self.adapted_layers()]
+        """Fold the (active) adapters into the base weights.
+
+        Every merge is checked: one that would write NaN/inf into a finite base tensor raises
+        :class:`UnsafeMergeError` and leaves the model exactly as it was (``safe=True`` checks every
+        layer before writing any, as PEFT's ``safe_merge``; without it the layers merged so far are
+        put back). Each merge keeps the tensors it overwrites, so :meth:`unmerge` restores the base
+        bit for bit (memory: one copy of each merged weight; :meth:`merge_and_unload` keeps none).
+        Adapters merge in their active order (the order the forward stacks them in); merging one
+        while an active adapter it does not commute with stays unmerged below it is refused, as it
+        would change the output."""
+        self._merge(self._merge_names(adapter_names), safe=safe, keep=True)
+
+    def _merge(self, names: list[str], *, safe: bool, keep: bool) -> None:
+        names = self._merge_order(names)
+        layers = list(self.adapted_layers())
+        self._check_commuting(names, layers)
         if safe:
-            for layer in layers:
+            for layer_name, layer in layers:
                 for n in names:
                     if n in layer.adapters and n not in layer.merged:
-                        layer.check_mergeable(n)
-        for layer in layers:
+                        layer.check_mergeable(n, layer_name)
+        done: list[tuple[AdaptedLayer, str]] = []
+        try:
+            for layer_name, layer in layers:
+                for n in names:
+                    if n in layer.adapters and n not in layer.merged:
+                        layer.merge(n, keep=keep, where=layer_name)
+                        done.append((layer, n))
+        except BaseException:
+            if keep:
+                for layer, n in reversed(done):
+                    layer.unmerge(n)
+            raise
+
+    def _merge_order(self, names: list[str]) -> list[str]:
+        """Inactive adapters first (as given), then the active ones in active order: merged adapters
+        sit below every running one, so this is the order the forward applies them in."""
+        active = [n for n in self.active_adapters if n in names]
+        return [n for n in dict.fromkeys(names) if n not in active] + active
+
+    def _check_commuting(self, names: list[str], layers: list[tuple[str, AdaptedLayer]]) -> None:
+        """Refuse to merge an adapter while an active, unmerged adapter below it on the same layer stays
+        unmerged, unless both are additive: after the merge that one would run on top of it."""
+        order = list(self.active_adapters)
+        for layer_name, layer in layers:
             for n in names:
-                if n in layer.adapters:
-                    layer.merge(n)
+                if n not in order or n not in layer.adapters or n in layer.merged:
+                    continue
+                upper = layer.adapters[n]
+                for m in order[: order.index(n)]:
+                    if m in names or m not in layer.adapters or m in layer.merged:
+                        continue
+                    if not (type(upper).additive and type(layer.adapters[m]).additive):
+                        raise SubpeftError(
+                            f"cannot merge adapter {n!r} while {m!r}, active below it on layer {layer_name!r}, "
+                            f"stays unmerged: merged adapters act before running ones, and {self.configs[n].method} "
+                            f"and {self.configs[m].method} do not commute, so the output would change; merge both "
+                            f"(tuned.merge([{m!r}, {n!r}])) or deactivate {m!r} first"
+                        )
 
     def unmerge(self) -> None:
         for _, layer in self.adapted_layers():
@@ -372,16 +427,26 @@ class TunedModel(nn.Module):
     ) -> nn.Module:
         """Merge the active adapters and return the plain base model (no subpeft modules left).
 
-        On a 4-bit base the merge requantises, which loses part of the update (the error is reported,
+        Every layer is checked before anything is written (``safe`` is always on): NaN/inf raises
+        :class:`UnsafeMergeError` and changes nothing. No copy of the overwritten weights is kept. On a
+        4-bit base the merge requantises, which loses part of the update (the error is reported,
         see :func:`subpeft.quant.merge_errors`); ``dequantize=True`` first turns every 4-bit layer into
         an ``nn.Linear`` holding its dequantised weight, so the merge is exact and the model returned is
         full precision."""
-        self._merge_names(adapter_names)  # refuse unmergeable adapters before changing anything
+        # refuse unmergeable adapters, stacks whose merge would change the output, and NaN/inf before
+        # changing anything
+        names = self._merge_order(self._merge_names(adapter_names))
+        layers = list(self.adapted_layers())
+        self._check_commuting(names, layers)
+        for layer_name, layer in layers:
+            for n in names:
+                if n in layer.adapters and n not in layer.merged:
+                    layer.check_mergeable(n, layer_name)
         if dequantize:
             from ..quant import dequantize_model
 
             dequantize_model(self.model)
-        self.merge(adapter_names, safe=safe)
+        self._merge(names, safe=False, keep=False)
         return self._unwrap(keep_copies=True)
 
     def unload(self) -> nn.Module:
@@ -454,7 +519,12 @@ class TunedModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | list[str] | None = None) -> None:
         """Write each adapter: "default" (or the only one) into the directory, others into
         ``save_directory/<name>``, as Hugging Face PEFT does."""
-        names = list(self.configs) if adapter_name is None else ([adapter_name] if isinstance(adapter_name, str) else adapter_name)
+        names = list(self.configs) if adapter_name is None else ([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        if not names:
+            raise AdapterNameError(
+                "no adapter to save: this model holds no adapter (the last one was deleted?); nothing was written"
+                if not self.configs else "no adapter to save: adapter_name is an empty list"
+            )
         root_name = "default" if "default" in names else (names[0] if len(names) == 1 else None)
         for n in names:
             self._check_name(n, exists=True)
@@ -503,6 +573,27 @@ class TunedModel(nn.Module):
                 f"adapter in {source!r} does not fit this model: " + "; ".join(problems)
                 + ". Was it trained on a different base model?"
             )
+        # a float tensor read from integers or bools would be cast silently into a wrong adapter; the
+        # integer buffers a method saves itself (Diff pruning's indices, LoRA-Dash's directions) are
+        # integers in the model too
+        bad_dtype = [
+            f"{k}: {_dtype_name(tensors[k].dtype)} in the file, {_dtype_name(v.dtype)} expected"
+            for k, v in expected.items()
+            if k in tensors and _dtype_kind(tensors[k].dtype) != _dtype_kind(v.dtype)
+        ]
+        if bad_dtype:
+            raise AdapterLoadError(
+                f"adapter in {source!r} holds {len(bad_dtype)} tensors of the wrong kind (e.g. {bad_dtype[:3]}): "
+                f"a corrupt or hand-made file? nothing was loaded"
+            )
+        nonfinite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if nonfinite:
+            more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+            warnings.warn(
+                f"adapter in {source!r}: {len(nonfinite)} tensors hold NaN or inf ({', '.join(nonfinite[:5])}{more}): "
+                f"outputs will be NaN/inf (a diverged training run?) and merge() refuses it",
+                AdapterLoadWarning, stacklevel=3,
+            )
         with torch.no_grad():
             for k, v in expected.items():
                 if k in tensors:
@@ -513,6 +604,46 @@ class TunedModel(nn.Module):
         cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", trainable: bool = False
     ) -> TunedModel:
         return load(model, directory, adapter_name=adapter_name, trainable=trainable)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_rank(adapter_cls: type[Adapter], config: AdapterConfig, layers: list[tuple[str, nn.Module, str]]) -> None:
+    """Refuse a rank no targeted layer can use (before anything of that size is allocated); warn
+    for the layers that cannot use all of it."""
+    r = getattr(config, "r", None)
+    if not isinstance(r, int) or isinstance(r, bool):
+        return
+    usable = [(name, adapter_cls.usable_rank(config, base, kind)) for name, base, kind in layers]
+    usable = [(name, u) for name, u in usable if u is not None]
+    if not usable:
+        return
+    best_name, best = max(usable, key=lambda item: item[1])
+    what = type(config).__name__
+    if r > best:
+        raise ConfigError(
+            f"{what}.r = {r} is larger than any targeted layer can use: the largest usable rank is {best} "
+            f"(layer {best_name!r}); choose r <= {best}"
+        )
+    over = [(name, u) for name, u in usable if r > u]
+    if over:
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        shown = ", ".join(f"{name!r} ({u})" for name, u in over[:5])
+        warnings.warn(
+            f"{what}.r = {r} exceeds the usable rank of {len(over)} targeted layer(s), given in brackets: "
+            f"{shown}{more}; there the extra rank adds parameters, not expressiveness",
+            UserWarning, stacklevel=3,
+        )
 
 
 def _read_adapter(directory: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

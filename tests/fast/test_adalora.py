@@ -259,7 +259,7 @@ def test_total_steps_is_required_to_attach_and_options_are_checked():
     cfg = sp.AdaLoRA(targets=["fc1"])  # a config alone is fine (JSON, PEFT conversion)
     assert (cfg.r, cfg.target_r, cfg.beta1, cfg.beta2, cfg.orth_reg) == (12, 8, 0.85, 0.85, 0.1)
     with pytest.raises(sp.ConfigError, match="total_steps"):
-        sp.attach(MLP(), cfg)
+        sp.attach(MLP(), cfg.replace(r=4, target_r=2))  # (r=12 is more than the MLP's layers can use)
     bad_options = [
         (dict(target_r=16), "target_r"), (dict(total_steps=10, init_warmup=5, final_warmup=5), "init_warmup"),
         (dict(beta1=1.0), "beta1"), (dict(mask_interval=0), "mask_interval"), (dict(orth_reg=-1), "orth_reg"),

@@ -31,9 +31,13 @@ MERGEABLE = [p for p in MATRIX if sp.get_method(p.values[0]).mergeable]
 
 
 # options that let a method's whole schedule run within the few steps of these tests
+# ranks the tiny models' layers can use (attach refuses a rank no targeted layer can use: min(d_in, d_out)
+# for LoRA-type methods, d_in·d_out for VeRA)
 TEST_OPTIONS = {
-    "adalora": dict(total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1),
-    "lora_dash": dict(prelaunch_steps=2),
+    "adalora": dict(r=4, target_r=2, total_steps=10, init_warmup=1, final_warmup=2, mask_interval=1),
+    "lora_dash": dict(r=4, prelaunch_steps=2),
+    **{name: dict(r=4) for name in ("lora", "dora", "flora", "trilora", "parallel_adapter")},
+    "vera": dict(r=32),
     # BitFit trains biases: every module of the case that has one (conv3 and the RMSNorm have none)
     "bitfit": dict(targets="all"),
 }

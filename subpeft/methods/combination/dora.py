@@ -14,10 +14,16 @@ Files are Hugging Face PEFT's LoRA with ``use_dora=True`` (magnitude key ``lora_
 on Conv2d shaped (1, c_out, 1, 1) as PEFT stores it). One difference from PEFT in training mode with
 dropout: PEFT applies the magnitude correction to ``W·drop(x)`` (a second base forward), subpeft to
 ``W·x``, i.e. y = φ(W)-weighted base output plus the dropped-out low-rank term; without dropout, and
-in eval mode, the two compute the same function. With other adapters active and unmerged below it on
-the same layer, DoRA scales their output as part of ``W·x`` but normalises only the stored base weight
-(merged adapters included) plus its own ΔW, so merging such a stack gives a slightly different weight
-(PEFT, which adds each adapter's term separately, has the same limitation in another form).
+in eval mode, the two compute the same function.
+
+Stacked on other adapters of the same layer (``set_adapter(["a", "b"])`` with b a DoRA), DoRA is
+applied to the weight as the stack below it leaves it: W′ = φ_a(W) (merged adapters are already in
+the stored weight; the active unmerged ones below are applied to it, :meth:`Adapter.stack_weight`),
+n = ‖W′ + s·B·A‖_row, and the bias c of the layers below (their output at x = 0) is left unscaled:
+``y = c + g ⊙ (base(x) − c + s·B·A·x)``. That is φ_b(φ_a(W)) with a's bias, exactly what merging a
+and then b writes, so the stack's forward equals its merge (also a partial one: merging a alone
+leaves the output as it was). PEFT adds each adapter's term to the base output separately and
+normalises over the base weight only, so it computes another function for such a stack.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError, UnsupportedLayerError
-from ...core.layers import dims, from_2d, is_quantized, weight_2d
+from ...core.layers import dims, from_2d, is_quantized, to_2d, weight_2d
 from ...core.registry import register
 from ..extension.lora import LoRA, LoRAAdapter, LowRank, LowRankAdapter, _autocast_on, _functorch_active, _has_hooks
 
@@ -138,6 +144,8 @@ class DoRAAdapter(LowRankAdapter):
     formula = "r·(d_in + d_out) + d_out"
     trains = "low-rank factors A, B and the row magnitudes m"
     layer_types = ("linear", "conv1d", "embedding", "conv2d")
+    additive = False  # the row norm makes φ depend on the weight below
+    reads_stack = True
 
     def __init__(self, config: DoRA, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         if not (base_layer.weight.is_floating_point() or is_quantized(base_layer)):
@@ -151,17 +159,20 @@ class DoRAAdapter(LowRankAdapter):
             m = weight_2d(base_layer, layer_type).to(self.lora_A.dtype).norm(dim=1)
         shape = (1, d_out, 1, 1) if layer_type == "conv2d" else (d_out,)
         self.lora_magnitude_vector = nn.Parameter(m.reshape(shape).clone())
-        # the norm used by the last merge, for an exact unmerge (moved with the module, never saved)
+        # the norm used by the last merge, for unmerged_params (moved with the module, never saved)
         self.register_buffer("_merge_norm", None, persistent=False)
         self._fused_forward = (nn.Linear.forward if layer_type == "linear"
                                else _conv1d_forward() if layer_type == "conv1d" else None)
 
     # -- the detached row norm of W + s·B·A, without forming it -----------------------------------
-    def weight_norm(self) -> torch.Tensor:
-        """n = ‖W + s·B·A‖_row (d_out,), detached, from the factors (see the module docstring)."""
+    def weight_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """n = ‖W + s·B·A‖_row (d_out,), detached, from the factors (see the module docstring); W is the
+        stored weight, or ``weight`` (native layout: the weight as the adapters below leave it)."""
         A, B = self.factors_2d()
         with torch.no_grad():
-            W = weight_2d(self.base_layer, self.layer_type)
+            W = weight_2d(self.base_layer, self.layer_type) if weight is None else to_2d(
+                self.base_layer, self.layer_type, weight
+            )
             if W.dtype != A.dtype:
                 W = W.to(A.dtype)
             s = self.scaling
@@ -174,9 +185,11 @@ class DoRAAdapter(LowRankAdapter):
         return self.lora_magnitude_vector.reshape(-1)
 
     # -- the two views -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
-        g = self._magnitude() / self.weight_norm()
+    def forward(self, x: torch.Tensor, base, below: tuple = ()) -> torch.Tensor:
         layer = self.base_layer
+        if below:  # stacked on other running adapters: DoRA of the weight as they leave it
+            return self._stacked_forward(x, base, below)
+        g = self._magnitude() / self.weight_norm()
         if self._fused_forward is not None and base is layer and type(layer).forward is self._fused_forward:
             W, A, B = layer.weight, self.lora_A, self.lora_B
             if (
@@ -201,6 +214,23 @@ class DoRAAdapter(LowRankAdapter):
         bias = bias.to(z.dtype)
         return torch.addcmul(bias, z - bias, g)
 
+    def _stacked_forward(self, x: torch.Tensor, base, below: tuple) -> torch.Tensor:
+        """``y = c + g ⊙ (base(x) − c + s·B·A·x)``, g = m / ‖W′ + s·B·A‖_row with W′ the weight as the
+        adapters ``below`` leave it and c the bias of the layers below (see the module docstring)."""
+        g = self._magnitude() / self.weight_norm(self.stack_weight(below))
+        z = self.add_delta(base(x), x)
+        g = g.to(z.dtype)
+        if self.layer_type == "embedding":  # an embedding has no bias, nor do the adapters below it
+            return z * g
+        # the bias of the chain below: its output at x = 0 (every weight-space method is affine in x)
+        if self.layer_type == "conv2d":
+            c = base(x.new_zeros(1, *x.shape[-3:]))[0, :, 0, 0].view(1, -1, 1, 1)
+            g = g.view(1, -1, 1, 1)
+        else:
+            c = base(x.new_zeros(1, x.shape[-1]))[0]
+        c = c.to(z.dtype)
+        return torch.addcmul(c, z - c, g)
+
     def _infer(self, x, xd, Wt, bias, g) -> torch.Tensor:
         """No autograd: the same ops as :class:`_DoRALinear`, nothing saved."""
         x2 = x.reshape(-1, x.shape[-1])
@@ -221,15 +251,22 @@ class DoRAAdapter(LowRankAdapter):
         W = weight_2d(self.base_layer, self.layer_type)
         return from_2d(self.base_layer, self.layer_type, phi - W.to(phi.dtype))
 
+    def apply_to_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """m ⊙ (w + s·B·A) / ‖w + s·B·A‖_row for the weight ``w`` below (native layout, w's dtype)."""
+        V = to_2d(self.base_layer, self.layer_type, w).to(self.lora_A.dtype) + self.delta_2d()
+        phi = V * (self._magnitude() / V.norm(dim=1)).unsqueeze(1)
+        return from_2d(self.base_layer, self.layer_type, phi).to(w.dtype)
+
     def merged_params(self) -> dict[str, torch.Tensor]:
         phi, n = self._phi_2d()
-        self._merge_norm = n.detach().clone()
+        self._merge_norm = n.detach().clone()  # for unmerged_params (analysis of a merged adapter)
         w = self.base_layer.weight  # a 4-bit weight is written by requantising: keep phi's float dtype
         return {"weight": from_2d(self.base_layer, self.layer_type, phi).to(w.dtype if w.is_floating_point() else phi.dtype)}
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
-        """W = W'·n/m − s·B·A with the n used at merge (W' rows cannot give back the unmerged norm).
-        A zero magnitude entry makes its row unrecoverable (as in PEFT)."""
+        """W = W'·n/m − s·B·A with the n used at merge (W' rows cannot give back the unmerged norm), up to
+        round-off; unmerge itself restores the weight saved at merge. A zero magnitude entry makes its
+        row unrecoverable here."""
         if self._merge_norm is None:
             raise RuntimeError("DoRA: unmerge without a previous merge of this adapter")
         w = self.base_layer.weight

@@ -82,6 +82,7 @@ def _roles(config: PiCa, layers: Layers) -> dict[str, tuple[int, int]]:
 class PiCaAdapter(Adapter):
     config_cls = PiCa
     family = "combination"
+    additive = True
     formula = "r·d_out per role (per layer with share=False)"
     trains = "output maps M on the top-r input singular subspace"
     layer_types = ("linear", "conv1d")

@@ -233,6 +233,7 @@ class LowRankAdapter(Adapter):
 
     config_cls = LowRank
     layer_types = ("linear", "conv1d", "embedding", "conv2d")
+    additive = True
     has_middle = False  # whether middle() is not the identity (then the fused LoRA path is not used)
 
     def __init__(self, config: LowRank, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
@@ -357,6 +358,13 @@ class LowRankAdapter(Adapter):
     def num_params(cls, config: LowRank, base_layer: nn.Module, layer_type: str) -> int:
         d_out, d_in = dims(base_layer, layer_type)
         return config.r * (d_in + d_out)
+
+    @classmethod
+    def usable_rank(cls, config: LowRank, base_layer: nn.Module, layer_type: str) -> int | None:
+        d_out, d_in = dims(base_layer, layer_type)
+        if config.mpc == "n":  # a ReLU between the factors: a hidden layer, not a rank; d_out·d_in bounds it
+            return d_out * d_in
+        return min(d_out, d_in)  # ΔW = s·B·G·A has rank <= min(d_out, d_in)
 
     def peft_compatible(self) -> bool:
         # PEFT's LoRA/DoRA on Conv2d builds lora_A without the base kernel's dilation: a dilated

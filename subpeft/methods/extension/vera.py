@@ -126,6 +126,7 @@ class VeRAAdapter(Adapter):
     formula = "d_out + r"
     trains = "scaling vectors b, d"
     layer_types = ("linear", "conv1d")
+    additive = True
 
     @classmethod
     def shared_file_key(cls, config: VeRA, key: str) -> str:
@@ -168,6 +169,13 @@ class VeRAAdapter(Adapter):
 
     def delta_weight(self) -> torch.Tensor:
         return from_2d(self.base_layer, self.layer_type, self.delta_2d())
+
+    @classmethod
+    def usable_rank(cls, config: VeRA, base_layer: nn.Module, layer_type: str) -> int | None:
+        # ΔW = Σ_k d_k·(b ⊙ B_k)·A_kᵀ: r > min(d_out, d_in) still adds directions (as in the paper), up to
+        # the d_out·d_in dimensions of the weight
+        d_out, d_in = dims(base_layer, layer_type)
+        return d_out * d_in
 
     @classmethod
     def num_params(cls, config: VeRA, base_layer: nn.Module, layer_type: str) -> int:

@@ -30,7 +30,7 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
-from ...core.layers import base_weight, dims, factory, from_2d, weight_2d
+from ...core.layers import base_weight, dims, factory, from_2d, to_2d, weight_2d
 
 
 def _dtype(layer: nn.Module, value: torch.Tensor) -> torch.dtype:
@@ -88,6 +88,13 @@ class DiagonalScaling(Adapter):
         return torch.addcmul(c.view(shape).to(l_out.dtype) * (1 - l_out), y.to(l_out.dtype), l_out).to(y.dtype)
 
     # -- merging -----------------------------------------------------------------------------------
+    def apply_to_weight(self, w: torch.Tensor) -> torch.Tensor:
+        mat = to_2d(self.base_layer, self.layer_type, w)
+        for vec, shape in ((self.scale_out, (-1, 1)), (self.scale_in, (1, -1))):
+            if vec is not None:
+                mat = mat * vec.reshape(shape)
+        return from_2d(self.base_layer, self.layer_type, mat).to(w.dtype)
+
     def _scaled_weight(self, inverse: bool = False) -> torch.Tensor:
         """diag(l_out)·W·diag(l_in) (or its inverse) in the base layer's native layout."""
         mat = weight_2d(self.base_layer, self.layer_type)

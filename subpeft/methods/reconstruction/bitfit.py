@@ -41,6 +41,7 @@ class BitFit(AdapterConfig):
 class BitFitAdapter(Adapter):
     config_cls = BitFit
     family = "reconstruction"
+    additive = True
     formula = "d_out (layers with a bias)"
     trains = "bias offsets Δb"
     layer_types = ("linear", "conv1d", "conv2d", "norm")
@@ -57,6 +58,9 @@ class BitFitAdapter(Adapter):
         y = base(x)
         delta = self.bias_delta.view(-1, 1, 1) if self.layer_type == "conv2d" else self.bias_delta
         return y + delta.to(y.dtype)
+
+    def apply_to_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w  # only the bias changes
 
     def merged_params(self) -> dict[str, torch.Tensor]:
         b = self.base_layer.bias

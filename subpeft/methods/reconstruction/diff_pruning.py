@@ -93,6 +93,7 @@ class DiffPruning(AdapterConfig):
 class DiffPruningAdapter(Adapter):
     config_cls = DiffPruning
     family = "reconstruction"
+    additive = True
     formula = "2·d_out·d_in while training; ⌈budget·d_out·d_in⌉ after finalize()"
     trains = "dense diff w and gate logits log α; the kept entries after finalize()"
     layer_types = ("linear", "conv1d", "embedding", "conv2d")

@@ -48,6 +48,7 @@ def _plain(module: nn.Module, cls: type) -> bool:
 class LayerNormTuningAdapter(Adapter):
     config_cls = LayerNormTuning
     family = "reconstruction"
+    additive = True
     formula = "2·d (d for a norm without bias)"
     trains = "norm weights and biases (Δw, Δb)"
     layer_types = ("norm",)

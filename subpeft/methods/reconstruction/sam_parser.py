@@ -45,6 +45,7 @@ class SpectrumAdapter(Adapter):
     """
 
     layer_types = ("linear", "conv1d", "conv2d", "embedding")
+    additive = True
 
     def __init__(self, config: AdapterConfig, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         super().__init__(config, base_layer, layer_type, **kwargs)
