@@ -11,8 +11,20 @@ from torch import nn
 from .errors import TargetError, UnsupportedLayerError
 from .layers import layer_type
 
-# Output heads that "all-linear" never adapts (besides the model's get_output_embeddings()).
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pre_classifier")
+#: The freshly initialised classification heads of Hugging Face sequence classifiers
+#: (``*ForSequenceClassification``): ``subpeft train`` trains them with the adapter (``modules_to_save``).
+CLASSIFICATION_HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
+#: Output heads, the one list: a module lies in an output head when one of its dotted name components is
+#: one of these (:func:`is_output_head`). ``targets="all-linear"`` never adapts them and
+#: :func:`subpeft.quant.quantize` keeps them in full precision, as it does the model's
+#: ``get_output_embeddings()`` whatever its name.
+OUTPUT_HEAD_NAMES: tuple[str, ...] = ("lm_head", *CLASSIFICATION_HEAD_NAMES, "qa_outputs", "pre_classifier", "head")
+HEAD_NAMES = OUTPUT_HEAD_NAMES  # the former name
+
+
+def is_output_head(name: str) -> bool:
+    """Whether the module ``name`` lies in an output head (``classifier`` and ``classifier.out_proj`` do)."""
+    return any(part in OUTPUT_HEAD_NAMES for part in name.split("."))
 
 # Defaults for `targets=None`, by transformers model_type: attention query and value, as PEFT does.
 DEFAULT_TARGETS = {
@@ -87,7 +99,7 @@ def _match(names: list[str], spec: list[str] | str, what: str) -> set[str]:
 
 
 def output_head_names(model: nn.Module, names: list[str], modules: dict[str, nn.Module]) -> set[str]:
-    heads = {n for n in names if n.split(".")[-1] in HEAD_NAMES}
+    heads = {n for n in names if is_output_head(n)}
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:

@@ -8,12 +8,13 @@ and any PyTorch model quantise the same way, on CPU or CUDA. Output heads stay i
 the model's output embeddings (``lm_head``), modules named in :data:`DEFAULT_SKIP` (classifier
 heads) and in ``skip``, and any linear layer whose weight is tied to another module.
 
-Every weight-space method of subpeft attaches to such a layer (its type is ``linear``): methods
-read W through :func:`subpeft.core.layers.base_weight`, which dequantises (SVD methods take the
-SVD of the dequantised W). Merging dequantises, adds and requantises (:func:`requantize`): the
-rounding error that introduces is recorded per layer and adapter (:func:`merge_errors`) and a
-:class:`QuantizedMergeWarning` says so; unmerging restores the 4-bit weight held before the merge
-exactly. :func:`dequantize_model` turns every 4-bit layer back into ``nn.Linear`` (what
+Every weight-space method of subpeft attaches to such a layer (its type is ``linear``): core reaches
+its weight through the weight-access protocol (:mod:`subpeft.core.weights`), for which this module
+registers :class:`NF4Access` on import: reading dequantises (SVD methods take the SVD of the
+dequantised W), writing (a merge) requantises (:func:`requantize`): the rounding error that
+introduces is recorded per layer and adapter (:func:`merge_errors`) and a
+:class:`QuantizedMergeWarning` says so; a snapshot keeps the packed codes, so unmerging restores the
+4-bit weight held before the merge exactly. :func:`dequantize_model` turns every 4-bit layer back into ``nn.Linear`` (what
 ``merge_and_unload(dequantize=True)`` gives).
 
 On CPUs with AVX512-BF16, ``Linear4bit`` in eval mode repacks its weight for a CPU kernel the first
@@ -32,6 +33,9 @@ import torch
 from torch import nn
 
 from ..core.errors import SubpeftError
+from ..core.layer import AdaptedLayer, densify_model
+from ..core.weights import WeightAccess, _looks_packed, is_packed, register_weight_access
+from ..core.targets import OUTPUT_HEAD_NAMES
 
 __all__ = [
     "DEFAULT_SKIP",
@@ -49,8 +53,9 @@ __all__ = [
 ]
 
 #: Module names (a name, or a run of dotted components of one) kept in full precision by default:
-#: output and classification heads. The model's output embeddings are kept too, whatever their name.
-DEFAULT_SKIP: tuple[str, ...] = ("lm_head", "classifier", "score", "qa_outputs", "head")
+#: the output heads (:data:`subpeft.core.targets.OUTPUT_HEAD_NAMES`, the list ``"all-linear"`` skips).
+#: The model's output embeddings are kept too, whatever their name.
+DEFAULT_SKIP: tuple[str, ...] = OUTPUT_HEAD_NAMES
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BNB_PIP = "pip install bitsandbytes"
@@ -79,9 +84,7 @@ def require_bitsandbytes(purpose: str = "4-bit quantisation"):
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether ``module`` is a 4-bit layer (its weight a bitsandbytes ``Params4bit`` with a quant state)."""
-    from ..core.layers import is_quantized as _is_quantized
-
-    return _is_quantized(module)
+    return is_packed(module)
 
 
 # -- building 4-bit layers ------------------------------------------------------------------------
@@ -160,8 +163,6 @@ def quantize(
     if isinstance(skip, str):
         skip = [skip]
     entries = tuple(DEFAULT_SKIP) + tuple(skip or ())
-    from ..core.layer import AdaptedLayer
-
     if any(isinstance(m, AdaptedLayer) for m in model.modules()):
         raise QuantizationError("the model already has adapters: quantise the base model first, then attach")
     keep: set[int] = set()
@@ -249,13 +250,63 @@ def restore(module: nn.Module, saved: tuple[torch.Tensor, Any]) -> None:
         module.quant_state = state
 
 
-def warn_requantized() -> None:
-    warnings.warn(
-        "merging into a 4-bit base dequantises, adds and requantises the weight: the merged model differs "
-        "from the unmerged one by that rounding error; subpeft.quant.merge_errors(tuned) gives it per layer "
-        "(max-abs and relative Frobenius); merge_and_unload(dequantize=True) gives an exact full-precision model",
-        QuantizedMergeWarning, stacklevel=4,
-    )
+_REQUANTIZED = (
+    "merging into a 4-bit base dequantises, adds and requantises the weight: the merged model differs "
+    "from the unmerged one by that rounding error; subpeft.quant.merge_errors(tuned) gives it per layer "
+    "(max-abs and relative Frobenius); merge_and_unload(dequantize=True) gives an exact full-precision model"
+)
+
+
+class NF4Access(WeightAccess):
+    """The weight-access protocol (:mod:`subpeft.core.weights`) for a bitsandbytes 4-bit weight:
+    ``read()`` dequantises, ``write()`` requantises in the layer's own format and returns the rounding
+    error, ``snapshot()`` keeps the packed codes and quant state (no copy), ``shape`` / ``numel`` are
+    the logical (d_out, d_in), ``dense_module()`` an ``nn.Linear`` with the dequantised weight."""
+
+    __slots__ = ()
+    packed = True
+    rounding_warning = (QuantizedMergeWarning, _REQUANTIZED)
+
+    @property
+    def _state(self) -> Any:
+        return self.module.weight.quant_state
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._state.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._state.dtype
+
+    def read(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = dequantize(self.module)
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
+    def write(self, value: torch.Tensor) -> dict[str, float]:
+        return requantize(self.module, value)
+
+    def snapshot(self) -> tuple[torch.Tensor, Any]:
+        return snapshot(self.module)
+
+    def restore(self, token: tuple[torch.Tensor, Any]) -> None:
+        restore(self.module, token)
+
+    def dense_module(self) -> nn.Linear:
+        return _dense_linear(self.module)
+
+
+def _nf4_access(module: nn.Module, name: str) -> NF4Access | None:
+    """The 4-bit accessor for a quantised weight; None (plain) for the bias, for a Linear4bit whose weight
+    is not quantised yet, and for every plain ``nn.Linear``."""
+    if name == "weight" and _looks_packed(module.weight):
+        return NF4Access(module, name)
+    return None
+
+
+# Registered for nn.Linear, of which bitsandbytes' Linear4bit is a subclass: naming Linear4bit itself
+# would import bitsandbytes (seconds, and log lines) on every `import subpeft`.
+register_weight_access(nn.Linear, _nf4_access)
 
 
 def merge_errors(tuned: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
@@ -286,27 +337,9 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     wrapped 4-bit base layer is replaced under its adapters, and adapters merged into it are unmerged
     first (restoring the 4-bit weight exactly) and merged again into the full-precision weight, which
     is then exact (no requantisation). This is ``merge_and_unload(dequantize=True)``: dequantise, then
-    merge and unload.
+    merge and unload. (:func:`subpeft.core.layer.densify_model` with :class:`NF4Access`'s dense form.)
     """
-    from ..core.layer import AdaptedLayer
-
-    for layer in list(model.modules()):
-        if isinstance(layer, AdaptedLayer) and is_quantized(layer.base_layer):
-            merged = list(layer.merged)
-            layer.unmerge()
-            linear = _dense_linear(layer.base_layer)
-            layer.base_layer = linear
-            for adapter in layer.adapters.values():
-                adapter.__dict__["_base_layer"] = linear  # Adapter.base_layer: a plain reference
-            for n in merged:
-                layer.merge(n)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and is_quantized(module):
-            linear = _dense_linear(module)
-            if not name:
-                return linear
-            _set_submodule(model, name, linear)
-    return model
+    return densify_model(model)
 
 
 # -- memory accounting ------------------------------------------------------------------------------
@@ -339,7 +372,7 @@ def storage(model: nn.Module) -> dict[str, float]:
     q_params = q_bytes = o_params = o_bytes = 0
     quant_weights: set[int] = set()
     for module in model.modules():
-        if is_quantized(module):
+        if is_quantized(module) and id(module.weight) not in quant_weights:  # (an AdaptedLayer shows its base's)
             w = module.weight
             quant_weights.add(id(w))
             q_params += int(torch.Size(w.quant_state.shape).numel())

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.targets import CLASSIFICATION_HEAD_NAMES
 from .data import SPLITS, PairTask, Task, check_splits, load_data_file, load_task
 
 __all__ = [
@@ -77,8 +78,6 @@ DEFAULT_LR: dict[str, float] = {
     "module": 1e-3,
     "prompt": 1e-2,
 }
-
-HEAD_NAMES = ("classifier", "score")
 
 
 class UsageError(ValueError):
@@ -432,7 +431,7 @@ def _quantize(model: nn.Module, scheme: str) -> tuple[nn.Module, int]:
 
 def head_modules(model: nn.Module) -> list[str]:
     """Names of the classification head modules (``classifier``, ``score``) of a sequence classifier."""
-    return [n for n, _ in model.named_children() if n in HEAD_NAMES]
+    return [n for n, _ in model.named_children() if n in CLASSIFICATION_HEAD_NAMES]
 
 
 def total_steps(spec: RunSpec, num_train: int) -> int:
