@@ -29,6 +29,27 @@ FILE_PREFIX = "base_model.model."
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of any model, tuned or not: the one count (``TunedModel.
+    get_nb_trainable_parameters``, ``print_trainable_parameters`` and the metrics of ``subpeft train``).
+
+    A 4-bit weight (bitsandbytes ``Params4bit``) counts its logical d_out·d_in values, not its packed
+    bytes, so a model counts the same in full precision and in 4 bits; a parameter shared by several
+    modules (tied weights) counts once. ``trainable``: the parameters with ``requires_grad``."""
+
+    def numel(p: torch.Tensor) -> int:
+        state = getattr(p, "__dict__", {}).get("quant_state")
+        return torch.Size(state.shape).numel() if state is not None else p.numel()
+
+    trainable = total = 0
+    for p in model.parameters():
+        n = numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -307,13 +328,8 @@ class TunedModel(nn.Module):
 
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        def numel(p: torch.Tensor) -> int:  # a 4-bit weight counts d_out·d_in, not its packed bytes
-            state = getattr(p, "__dict__", {}).get("quant_state")
-            return torch.Size(state.shape).numel() if state is not None else p.numel()
-
-        trainable = sum(numel(p) for p in self.parameters() if p.requires_grad)
-        total = sum(numel(p) for p in self.parameters())
-        return trainable, total
+        """(trainable, total) parameters, counted by :func:`parameter_counts`."""
+        return parameter_counts(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

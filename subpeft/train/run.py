@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.model import parameter_counts
 from ..core.targets import CLASSIFICATION_HEAD_NAMES
 from .data import SPLITS, PairTask, Task, check_splits, load_data_file, load_task
 
@@ -495,12 +496,6 @@ def prepare_model(spec: RunSpec, model: nn.Module, task: Task | PairTask, steps:
     config = method_config(spec, model, task, steps)
     torch.manual_seed(spec.seed)
     return sp.attach(model, config)
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
 
 
 def _max_rss_mb() -> float:

@@ -56,3 +56,75 @@ def test_all_linear_adapts_what_quantize_stores_in_4_bits():
 
         model = quantize(Headed())
         assert sorted(n for n, m in model.named_modules() if is_quantized(m)) == adapted
+
+
+# -- the parameter count ----------------------------------------------------------------------------
+def _saved_values(directory) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for t in load_file(str(directory / "adapter_model.safetensors")).values())
+
+
+def _tiny_bert():
+    from .test_qlora import tiny_bert  # hidden 64: the NF4 block divides every weight
+
+    return tiny_bert()
+
+
+#: methods whose adapter file holds exactly their trainable parameters (others also save frozen state,
+#: e.g. the SVD factors of PiCa or SVDiff, or save what a reparameterisation encoder computes, e.g.
+#: prefix tuning's virtual tokens, instead of the encoder)
+FILE_IS_TRAINABLE = ["lora", "dora", "ia3", "vera", "houlsby", "pfeiffer", "diff_pruning", "prompt_tuning"]
+
+
+@pytest.mark.parametrize("method", FILE_IS_TRAINABLE)
+def test_trainable_count_is_the_saved_adapter(method, tmp_path):
+    """The trainable count is the number of values saved: the adapter's tensors and the head's copy."""
+    from subpeft.core.model import parameter_counts
+
+    info = sp.get_method(method)
+    options = {"targets": ["query", "value"]} if info.kind == "weight" else {}
+    tuned = sp.attach(_tiny_bert(), info.config_cls(**options, modules_to_save=["classifier"]))
+    trainable, total = tuned.get_nb_trainable_parameters()
+    assert (trainable, total) == parameter_counts(tuned)
+    assert trainable == sum(p.numel() for p in tuned.parameters() if p.requires_grad) > 64 * 3 + 3
+    tuned.save_pretrained(str(tmp_path))
+    assert trainable == _saved_values(tmp_path)
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
+def test_a_4bit_base_counts_as_its_full_precision_model():
+    """A packed 4-bit weight counts d_out·d_in, not its bytes: the same total in fp32 and in NF4."""
+    from subpeft.core.model import parameter_counts
+    from subpeft.quant import is_quantized, quantize
+
+    fp, q = _tiny_bert(), quantize(_tiny_bert())
+    assert any(is_quantized(m) for m in q.modules())
+    assert parameter_counts(fp)[1] == parameter_counts(q)[1] == sum(p.numel() for p in fp.parameters())
+    assert parameter_counts(q)[1] > sum(p.numel() for p in q.parameters())  # the packed bytes count less
+    config = sp.LoRA(r=2, targets=["query", "value"], modules_to_save=["classifier"])
+    assert sp.attach(fp, config).get_nb_trainable_parameters() == sp.attach(q, config).get_nb_trainable_parameters()
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
+def test_train_cli_reports_the_library_count_in_fp32_and_nf4(tmp_path):
+    """`subpeft train` metrics: the same total with and without --quantize nf4, and the trainable count is
+    the number of values in the adapter file it wrote (LoRA and the fresh head)."""
+    import json
+
+    from subpeft.cli import main
+
+    from .test_train_cli import make_tiny_folders
+
+    tiny = make_tiny_folders(tmp_path / "tiny")
+    metrics = {}
+    for name, extra in (("fp32", []), ("nf4", ["--quantize", "nf4"])):
+        out = tmp_path / name
+        argv = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--batch-size", "8",
+                "--max-steps", "1", "--set", "r=2", "--out", str(out), "--quiet", *extra]
+        assert main(argv) == 0
+        metrics[name] = m = json.loads((out / "metrics.json").read_text())
+        assert m["trainable_parameters"] == _saved_values(out)
+    assert metrics["nf4"]["quantized_layers"] > 0
+    for key in ("trainable_parameters", "total_parameters", "trainable_percent"):
+        assert metrics["fp32"][key] == metrics["nf4"][key], key
