@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import UnsafeMergeError
-from .layers import is_quantized
+from .weights import WeightAccess, register_weight_access, warn_rounding, weight_access
 
 
 class AdaptedLayer(nn.Module):
@@ -72,20 +72,17 @@ class AdaptedLayer(nn.Module):
         return base(x)
 
     # -- merging ---------------------------------------------------------------------------------
-    def _write(self, values: dict[str, torch.Tensor]) -> dict[str, float] | None:
-        """Write new values into the base layer's tensors. A 4-bit weight is requantised: the error
-        that introduced ({"max_abs", "rel_fro"}) is returned (None when no weight was requantised)."""
-        error = None
+    def _write(self, values: dict[str, torch.Tensor]) -> tuple[WeightAccess, dict[str, float]] | None:
+        """Write new values into the base layer's tensors (through their weight access). Returns the
+        accessor and rounding error of a storage that did not write exactly (a 4-bit weight), else None."""
+        rounded = None
         with torch.no_grad():
-            for name, value in values.items():
-                if name == "weight" and is_quantized(self.base_layer):
-                    from ..quant.nf4 import requantize
-
-                    error = requantize(self.base_layer, value)
-                    continue
-                target = getattr(self.base_layer, name)
-                target.copy_(value.to(target.dtype))
-        return error
+            for pname, value in values.items():
+                access = weight_access(self.base_layer, pname)
+                error = access.write(value)
+                if error is not None:
+                    rounded = access, error
+        return rounded
 
     def _check_finite(self, name: str, values: dict[str, torch.Tensor], where: str = "") -> None:
         """UnsafeMergeError if writing ``values`` would put NaN/inf where the base tensor is finite."""
@@ -93,12 +90,7 @@ class AdaptedLayer(nn.Module):
             bad = ~torch.isfinite(value)
             if not bool(bad.any()):
                 continue
-            if pname == "weight" and is_quantized(self.base_layer):
-                from .layers import base_weight
-
-                current = base_weight(self.base_layer)
-            else:
-                current = getattr(self.base_layer, pname)
+            current = weight_access(self.base_layer, pname).read()
             if bool((bad & torch.isfinite(current)).any()):
                 layer = f" of layer {where!r}" if where else " of this layer"
                 raise UnsafeMergeError(
@@ -112,25 +104,13 @@ class AdaptedLayer(nn.Module):
             self._check_finite(name, self.adapters[name].merged_params(), where)
 
     def _snapshot(self, names) -> dict[str, object]:
-        """The base tensors ``names`` as they are now, for :meth:`_restore`."""
-        saved: dict[str, object] = {}
-        for pname in names:
-            if pname == "weight" and is_quantized(self.base_layer):
-                from ..quant.nf4 import snapshot
-
-                saved[pname] = snapshot(self.base_layer)
-            else:
-                saved[pname] = getattr(self.base_layer, pname).detach().clone()
-        return saved
+        """Snapshots (weight-access tokens) of the base tensors ``names`` as they are now, for :meth:`_restore`."""
+        return {pname: weight_access(self.base_layer, pname).snapshot() for pname in names}
 
     def _restore(self, saved: dict[str, object]) -> None:
-        for pname, value in saved.items():
-            if pname == "weight" and is_quantized(self.base_layer):
-                from ..quant.nf4 import restore
-
-                restore(self.base_layer, value)
-            else:
-                getattr(self.base_layer, pname).copy_(value)
+        with torch.no_grad():
+            for pname, token in saved.items():
+                weight_access(self.base_layer, pname).restore(token)
 
     def merge(self, name: str, *, keep: bool = True, where: str = "") -> None:
         """Fold adapter ``name`` into the base tensors. ``keep=False`` keeps no copy of what it
@@ -143,12 +123,10 @@ class AdaptedLayer(nn.Module):
             self._check_finite(name, values, where)
             if keep:
                 self._saved[name] = self._snapshot(values)
-            error = self._write(values)
-            if error is not None:
-                from ..quant.nf4 import warn_requantized
-
-                self.quant_error[name] = error
-                warn_requantized()
+            rounded = self._write(values)
+            if rounded is not None:
+                access, self.quant_error[name] = rounded
+                warn_rounding(access, stacklevel=3)
         self.merged.append(name)
 
     def unmerge(self, name: str | None = None) -> None:
@@ -174,6 +152,59 @@ class AdaptedLayer(nn.Module):
                 self._write(self.adapters[name].unmerged_params())
         self.quant_error.pop(name, None)
         self.merged.remove(name)
+
+
+    def replace_base(self, new: nn.Module) -> None:
+        """Put ``new`` in place of the base layer under the same adapters (nothing may be merged)."""
+        if self.merged:
+            raise RuntimeError(f"replace_base with merged adapters {self.merged}: unmerge them first")
+        self.base_layer = new
+        for adapter in self.adapters.values():
+            adapter.__dict__["_base_layer"] = new  # Adapter.base_layer: a plain reference
+
+
+# an AdaptedLayer's tensors are its base layer's (its attribute lookup forwards to it)
+register_weight_access(AdaptedLayer, lambda module, name: weight_access(module.base_layer, name))
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def densify_model(model: nn.Module) -> nn.Module:
+    """Replace every layer whose weight access has a dense form (a 4-bit layer: an ``nn.Linear`` with
+    the dequantised weight, see :meth:`.weights.WeightAccess.dense_module`) by that form, in place;
+    returns the model (the new layer when ``model`` itself is one).
+
+    Adapters stay: a wrapped layer is replaced under them, and adapters merged into it are unmerged
+    first (restoring the stored weight exactly) and merged again into the dense weight, exact then."""
+    for layer in list(model.modules()):
+        if isinstance(layer, AdaptedLayer):
+            access = weight_access(layer.base_layer)
+            if not access.packed:
+                continue
+            merged = list(layer.merged)
+            layer.unmerge()
+            dense = access.dense_module()
+            if dense is None:
+                for n in merged:
+                    layer.merge(n)
+                continue
+            layer.replace_base(dense)
+            for n in merged:
+                layer.merge(n)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdaptedLayer) or not isinstance(module._parameters.get("weight"), torch.Tensor):
+            continue
+        dense = weight_access(module).dense_module()
+        if dense is None:
+            continue
+        if not name:
+            return dense
+        _set_submodule(model, name, dense)
+    return model
 
 
 class TrainableCopy(nn.Module):

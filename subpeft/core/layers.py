@@ -14,17 +14,19 @@ and one that is not a linear map but has trainable per-feature tensors:
                 ``*LayerNorm`` / ``*RMSNorm``), with an elementwise 1-D ``weight``;
                 (d_out, d_in) = (d, d) by convention. Only LayerNorm tuning and BitFit adapt them.
 
-A 4-bit layer (``bitsandbytes.nn.Linear4bit``, see :mod:`subpeft.quant`) is of type ``linear``: its
-``weight`` is packed uint8 (two 4-bit codes a byte) with a ``quant_state`` holding the shape, the
-block constants and the dtype it was quantised from. Methods never read ``module.weight`` for W's
-values: :func:`base_weight` (native layout) and :func:`weight_2d` dequantise such a layer, and
-:func:`dims` / :func:`weight_shape` read its logical shape.
+W's values, shape and dtype are read through the weight-access protocol (:mod:`.weights`), never
+from ``module.weight`` directly: a 4-bit layer (``bitsandbytes.nn.Linear4bit``, registered by
+:mod:`subpeft.quant`) is of type ``linear`` but stores packed codes, and other storage (sharded
+weights) may follow. :func:`base_weight` (native layout) and :func:`weight_2d` give the dense values,
+:func:`dims` / :func:`weight_shape` the logical shape, :func:`factory` the dtype for new tensors.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .weights import is_packed, weight_access
 
 LAYER_TYPES = ("linear", "conv1d", "embedding", "conv2d", "norm")
 
@@ -57,57 +59,40 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or name.endswith(("LayerNorm", "RMSNorm"))
 
 
-def quant_state(module: nn.Module):
-    """The bitsandbytes ``QuantState`` of a 4-bit layer's weight, or None for any other layer."""
-    w = getattr(module, "weight", None)
-    # Params4bit keeps it in the instance __dict__: a dict lookup, cheap on the full-precision path
-    return getattr(w, "__dict__", {}).get("quant_state")
-
-
 def is_quantized(module: nn.Module) -> bool:
-    """Whether the layer stores its weight in 4 bits (bitsandbytes ``Params4bit`` with a quant state)."""
-    return quant_state(module) is not None
+    """Whether the layer stores its weight packed (a 4-bit layer), see :func:`.weights.is_packed`."""
+    return is_packed(module)
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
     """W in the layer's native layout, as floating point: the weight itself, or for a 4-bit layer a
-    dequantised copy (in the dtype it was quantised from). The one way methods read W's values."""
-    w = module.weight
-    if getattr(w, "__dict__", {}).get("quant_state") is None:
-        return w
-    from ..quant.nf4 import dequantize
-
-    return dequantize(module)
+    dequantised copy (in the dtype it was quantised from). ``weight_access(module).read()``."""
+    return weight_access(module).read()
 
 
 def weight_shape(module: nn.Module) -> torch.Size:
     """Shape of the layer's native weight (the logical one for a 4-bit layer, not its packed storage)."""
-    qs = quant_state(module)
-    return torch.Size(qs.shape) if qs is not None else module.weight.shape
+    return weight_access(module).shape
 
 
 def dims(module: nn.Module, kind: str) -> tuple[int, int]:
     """(d_out, d_in) of the layer's 2-D weight view."""
-    w = module.weight
+    shape = weight_access(module).shape
     if kind == "linear":
-        qs = getattr(w, "__dict__", {}).get("quant_state")
-        shape = qs.shape if qs is not None else w.shape
         return shape[0], shape[1]
-    if kind == "conv1d":
-        return w.shape[1], w.shape[0]
-    if kind == "embedding":
-        return w.shape[1], w.shape[0]
+    if kind in ("conv1d", "embedding"):
+        return shape[1], shape[0]
     if kind == "conv2d":
-        return w.shape[0], w[0].numel()
+        return shape[0], shape[1:].numel()
     if kind == "norm":
-        return w.shape[0], w.shape[0]
+        return shape[0], shape[0]
     raise ValueError(f"unknown layer type {kind!r}")
 
 
 def weight_2d(module: nn.Module, kind: str) -> torch.Tensor:
     """The weight as a (d_out, d_in) matrix (a view where the layout allows; dequantised for a 4-bit
     layer, see :func:`base_weight`)."""
-    w = base_weight(module) if kind == "linear" else module.weight
+    w = weight_access(module).read()
     if kind == "linear":
         return w
     if kind in ("conv1d", "embedding"):
@@ -136,21 +121,18 @@ def from_2d(module: nn.Module, kind: str, mat: torch.Tensor) -> torch.Tensor:
     if kind in ("conv1d", "embedding"):
         return mat.t()
     if kind == "conv2d":
-        return mat.reshape(module.weight.shape)
+        return mat.reshape(weight_access(module).shape)
     raise ValueError(f"unknown layer type {kind!r}")
 
 
 def factory(module: nn.Module) -> dict:
     """device/dtype for new adapter tensors of this layer.
 
-    The base weight's device; float32 when the base is half precision (float16/bfloat16) or not
-    floating point (quantised), as Hugging Face PEFT does: small trainable tensors keep full
-    precision, the forward casts at the boundary. A 4-bit layer's adapters are float32 (its dequantised
-    dtype when that is float64).
+    The base weight's device; the dtype of its dense values when that is float32 or float64, else
+    float32 (half precision, integers), as Hugging Face PEFT does: small trainable tensors keep full
+    precision, the forward casts at the boundary. A 4-bit layer's adapters are float32 (float64 when
+    it was quantised from float64).
     """
-    w = module.weight
-    qs = getattr(w, "__dict__", {}).get("quant_state")
-    if qs is not None:
-        return {"device": w.device, "dtype": torch.float64 if qs.dtype == torch.float64 else torch.float32}
-    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": w.device, "dtype": dtype}
+    access = weight_access(module)
+    dtype = access.dtype if access.dtype in (torch.float32, torch.float64) else torch.float32
+    return {"device": access.device, "dtype": dtype}

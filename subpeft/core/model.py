@@ -21,7 +21,7 @@ from .adapter import Adapter
 from .config import AdapterConfig
 from .errors import AdapterLoadError, AdapterLoadWarning, AdapterNameError, ConfigError, SubpeftError
 from .io import read_config, read_tensors, write_adapter
-from .layer import AdaptedLayer, TrainableCopy
+from .layer import AdaptedLayer, TrainableCopy, densify_model
 from .registry import config_from_dict, method_for_config
 from .targets import candidate_type, find_modules_to_save, find_targets
 
@@ -458,10 +458,8 @@ class TunedModel(nn.Module):
             for n in names:
                 if n in layer.adapters and n not in layer.merged:
                     layer.check_mergeable(n, layer_name)
-        if dequantize:
-            from ..quant import dequantize_model
-
-            dequantize_model(self.model)
+        if dequantize:  # every packed (4-bit) layer to its dense form, see core.weights
+            densify_model(self.model)
         self._merge(names, safe=False, keep=False)
         return self._unwrap(keep_copies=True)
 

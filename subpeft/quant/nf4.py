@@ -25,7 +25,6 @@ d_out is not a multiple of 32. The layers built here switch it off.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,8 +33,8 @@ from torch import nn
 
 from ..core.errors import SubpeftError
 from ..core.layer import AdaptedLayer, densify_model
-from ..core.weights import WeightAccess, _looks_packed, is_packed, register_weight_access
 from ..core.targets import OUTPUT_HEAD_NAMES
+from ..core.weights import WeightAccess, _looks_packed, is_packed, register_weight_access
 
 __all__ = [
     "DEFAULT_SKIP",

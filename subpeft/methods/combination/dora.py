@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError, UnsupportedLayerError
-from ...core.layers import dims, from_2d, is_quantized, to_2d, weight_2d
+from ...core.layers import dims, from_2d, to_2d, weight_2d
 from ...core.registry import register
+from ...core.weights import weight_access
 from ..extension.lora import LoRA, LoRAAdapter, LowRank, LowRankAdapter, _autocast_on, _functorch_active, _has_hooks
 
 
@@ -148,10 +149,11 @@ class DoRAAdapter(LowRankAdapter):
     reads_stack = True
 
     def __init__(self, config: DoRA, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
-        if not (base_layer.weight.is_floating_point() or is_quantized(base_layer)):
+        dtype = weight_access(base_layer).dtype  # of the dense values (a 4-bit layer: what it was quantised from)
+        if not dtype.is_floating_point:
             raise UnsupportedLayerError(
                 f"DoRA needs the base weight in floating point to take its row norms; {kwargs.get('name', 'this layer')!r} "
-                f"holds {base_layer.weight.dtype} (quantised?): adapt a floating-point layer, or use LoRA on it"
+                f"holds {dtype} (quantised?): adapt a floating-point layer, or use LoRA on it"
             )
         super().__init__(config, base_layer, layer_type, **kwargs)
         d_out = dims(base_layer, layer_type)[0]
@@ -260,8 +262,8 @@ class DoRAAdapter(LowRankAdapter):
     def merged_params(self) -> dict[str, torch.Tensor]:
         phi, n = self._phi_2d()
         self._merge_norm = n.detach().clone()  # for unmerged_params (analysis of a merged adapter)
-        w = self.base_layer.weight  # a 4-bit weight is written by requantising: keep phi's float dtype
-        return {"weight": from_2d(self.base_layer, self.layer_type, phi).to(w.dtype if w.is_floating_point() else phi.dtype)}
+        dtype = weight_access(self.base_layer).dtype  # of the dense values (4-bit: what it was quantised from)
+        return {"weight": from_2d(self.base_layer, self.layer_type, phi).to(dtype)}
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
         """W = W'·n/m − s·B·A with the n used at merge (W' rows cannot give back the unmerged norm), up to
@@ -269,10 +271,9 @@ class DoRAAdapter(LowRankAdapter):
         row unrecoverable here."""
         if self._merge_norm is None:
             raise RuntimeError("DoRA: unmerge without a previous merge of this adapter")
-        w = self.base_layer.weight
-        merged = weight_2d(self.base_layer, self.layer_type).to(self.lora_A.dtype)
-        V = merged * (self._merge_norm / self._magnitude()).unsqueeze(1)
-        dtype = w.dtype if w.is_floating_point() else V.dtype
+        merged = weight_2d(self.base_layer, self.layer_type)
+        dtype = merged.dtype
+        V = merged.to(self.lora_A.dtype) * (self._merge_norm / self._magnitude()).unsqueeze(1)
         return {"weight": from_2d(self.base_layer, self.layer_type, V - self.delta_2d()).to(dtype)}
 
     # -- files and accounting -------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig, peft_int, peft_number
 from ...core.errors import ConfigError, UnsupportedLayerError
-from ...core.layers import dims, factory, from_2d
+from ...core.layers import dims, factory, from_2d, weight_shape
 from ...core.registry import register
 
 MPC_MODES = (None, "o", "d", "n")
@@ -251,9 +251,9 @@ class LowRankAdapter(Adapter):
     # -- what variants override ------------------------------------------------------------------
     def init_factors(self, config: LowRank, kw: dict, d_out: int, d_in: int) -> None:
         """Create lora_A (r, d_in) and lora_B (d_out, r) (and any middle tensors). LoRA's init."""
-        r, w = config.r, self.base_layer.weight
+        r = config.r
         if self.layer_type == "conv2d":
-            self.lora_A = nn.Parameter(torch.empty(r, *w.shape[1:], **kw))
+            self.lora_A = nn.Parameter(torch.empty(r, *weight_shape(self.base_layer)[1:], **kw))
             self.lora_B = nn.Parameter(torch.zeros(d_out, r, 1, 1, **kw))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif self.layer_type == "embedding" and not self.nonlinear:  # (mpc="n": A = 0 would never train)

@@ -31,12 +31,13 @@ from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
 from ...core.layers import base_weight, dims, factory, from_2d, to_2d, weight_2d
+from ...core.weights import read_weight, weight_access
 
 
 def _dtype(layer: nn.Module, value: torch.Tensor) -> torch.dtype:
-    """The dtype a merged weight is written in: the base weight's (a 4-bit weight is written by
-    requantising a floating-point value, which keeps its own)."""
-    dtype = layer.weight.dtype
+    """The dtype a merged weight is written in: that of the base weight's dense values (a 4-bit
+    weight: the dtype it was quantised from); the value's own where those are not floating point."""
+    dtype = weight_access(layer).dtype
     return dtype if dtype.is_floating_point else value.dtype
 
 
@@ -108,9 +109,9 @@ class DiagonalScaling(Adapter):
         return self._scaled_weight() - w
 
     def _scaled_bias(self, inverse: bool = False) -> dict[str, torch.Tensor]:
-        bias = self.base_layer.bias
-        if not self.scales_bias or bias is None:
+        if not self.scales_bias or self.base_layer.bias is None:
             return {}
+        bias = read_weight(self.base_layer, "bias")
         l_out = self.scale_out.reshape(-1)
         return {"bias": (bias / l_out if inverse else bias * l_out).to(bias.dtype)}
 
@@ -128,8 +129,9 @@ class DiagonalScaling(Adapter):
 
     def peft_compatible(self) -> bool:
         # PEFT scales the bias with the output; identical only where there is no (non-zero) bias
-        bias = self.base_layer.bias
-        return self.scale_out is None or self.scales_bias or bias is None or not bool(bias.detach().any())
+        if self.scale_out is None or self.scales_bias or self.base_layer.bias is None:
+            return True
+        return not bool(read_weight(self.base_layer, "bias").detach().any())
 
 
 # -- Hugging Face PEFT's IA3Config ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.layers import factory
 from ...core.registry import register
+from ...core.weights import read_weight, weight_access
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -48,7 +49,7 @@ class BitFitAdapter(Adapter):
 
     def __init__(self, config: BitFit, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         super().__init__(config, base_layer, layer_type, **kwargs)
-        self.bias_delta = nn.Parameter(torch.zeros(base_layer.bias.shape, **factory(base_layer)))
+        self.bias_delta = nn.Parameter(torch.zeros(weight_access(base_layer, "bias").shape, **factory(base_layer)))
 
     @classmethod
     def accepts(cls, config: AdapterConfig, module: nn.Module, layer_type: str) -> bool:
@@ -63,13 +64,13 @@ class BitFitAdapter(Adapter):
         return w  # only the bias changes
 
     def merged_params(self) -> dict[str, torch.Tensor]:
-        b = self.base_layer.bias
+        b = read_weight(self.base_layer, "bias")
         return {"bias": b + self.bias_delta.to(b.dtype)}
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
-        b = self.base_layer.bias
+        b = read_weight(self.base_layer, "bias")
         return {"bias": b - self.bias_delta.to(b.dtype)}
 
     @classmethod
     def num_params(cls, config: BitFit, base_layer: nn.Module, layer_type: str) -> int:
-        return base_layer.bias.numel() if _has_bias(base_layer) else 0
+        return weight_access(base_layer, "bias").numel if _has_bias(base_layer) else 0

@@ -29,6 +29,7 @@ from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.layers import factory
 from ...core.registry import register
+from ...core.weights import read_weight, weight_access
 
 
 @dataclass
@@ -56,18 +57,24 @@ class LayerNormTuningAdapter(Adapter):
     def __init__(self, config: LayerNormTuning, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         super().__init__(config, base_layer, layer_type, **kwargs)
         kw = factory(base_layer)
-        self.weight_delta = nn.Parameter(torch.zeros(base_layer.weight.shape, **kw))
-        bias = getattr(base_layer, "bias", None)
-        self.bias_delta = nn.Parameter(torch.zeros(bias.shape, **kw)) if isinstance(bias, torch.Tensor) else None
+        self.weight_delta = nn.Parameter(torch.zeros(weight_access(base_layer).shape, **kw))
+        has_bias = isinstance(getattr(base_layer, "bias", None), torch.Tensor)
+        self.bias_delta = nn.Parameter(torch.zeros(weight_access(base_layer, "bias").shape, **kw)) if has_bias else None
 
-    def _params(self, sign: float = 1.0) -> dict[str, torch.Tensor]:
-        """The norm's tensors with the deltas added (sign=-1: subtracted), in their dtypes."""
-        w = self.base_layer.weight
+    def _params(self, sign: float = 1.0, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The norm's tensors (``base``, else the layer's own) with the deltas added (sign=-1:
+        subtracted), in their dtypes."""
+        w = self.base_layer.weight if base is None else base["weight"]
         out = {"weight": w + sign * self.weight_delta.to(w.dtype)}
         if self.bias_delta is not None:
-            b = self.base_layer.bias
+            b = self.base_layer.bias if base is None else base["bias"]
             out["bias"] = b + sign * self.bias_delta.to(b.dtype)
         return out
+
+    def _read_base(self) -> dict[str, torch.Tensor]:
+        """The norm's tensors read through the weight access (for merging, outside forward)."""
+        names = ("weight", "bias") if self.bias_delta is not None else ("weight",)
+        return {n: read_weight(self.base_layer, n) for n in names}
 
     def _norm(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The base norm evaluated with these parameters."""
@@ -94,12 +101,12 @@ class LayerNormTuningAdapter(Adapter):
         return self.weight_delta
 
     def merged_params(self) -> dict[str, torch.Tensor]:
-        return self._params()
+        return self._params(base=self._read_base())
 
     def unmerged_params(self) -> dict[str, torch.Tensor]:
-        return self._params(-1.0)
+        return self._params(-1.0, self._read_base())
 
     @classmethod
     def num_params(cls, config: LayerNormTuning, base_layer: nn.Module, layer_type: str) -> int:
         bias = getattr(base_layer, "bias", None)
-        return base_layer.weight.numel() * (2 if isinstance(bias, torch.Tensor) else 1)
+        return weight_access(base_layer).numel * (2 if isinstance(bias, torch.Tensor) else 1)
