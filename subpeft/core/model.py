@@ -24,6 +24,7 @@ from .io import read_config, read_tensors, write_adapter
 from .layer import AdaptedLayer, TrainableCopy, densify_model
 from .registry import config_from_dict, method_for_config
 from .targets import candidate_type, find_modules_to_save, find_targets
+from .weights import weight_access
 
 FILE_PREFIX = "base_model.model."
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -33,20 +34,21 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters of any model, tuned or not: the one count (``TunedModel.
     get_nb_trainable_parameters``, ``print_trainable_parameters`` and the metrics of ``subpeft train``).
 
-    A 4-bit weight (bitsandbytes ``Params4bit``) counts its logical d_out·d_in values, not its packed
-    bytes, so a model counts the same in full precision and in 4 bits; a parameter shared by several
-    modules (tied weights) counts once. ``trainable``: the parameters with ``requires_grad``."""
-
-    def numel(p: torch.Tensor) -> int:
-        state = getattr(p, "__dict__", {}).get("quant_state")
-        return torch.Size(state.shape).numel() if state is not None else p.numel()
-
+    Each parameter counts its logical number of values (:attr:`subpeft.core.weights.WeightAccess.numel`):
+    a 4-bit weight its d_out·d_in values, not its packed bytes, so a model counts the same in full
+    precision and in 4 bits; a parameter shared by several modules (tied weights) counts once.
+    ``trainable``: the parameters with ``requires_grad``."""
+    seen: set[int] = set()
     trainable = total = 0
-    for p in model.parameters():
-        n = numel(p)
-        total += n
-        if p.requires_grad:
-            trainable += n
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = weight_access(module, name).numel
+            total += n
+            if p.requires_grad:
+                trainable += n
     return trainable, total
 
 
