@@ -47,7 +47,7 @@ from .methods.reconstruction.layernorm import LayerNormTuning
 from .methods.reconstruction.sam_parser import SAMParser
 from .methods.reconstruction.ssb import SSB
 from .methods.reconstruction.ssl import SSL
-from .quant import load_quantized, quantize
+from .quant import quantize
 
 __all__ = [
     "UniPELT",
@@ -105,6 +105,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "load_quantized":  # loads models by name: the experiment side's, imported on first use
+        from .train.models import load_quantized
+
+        return load_quantized
     # config classes of methods registered elsewhere (plug-ins), by class name: sp.<ConfigName>
     for info in list_methods():
         if info.config_cls.__name__ == name:

@@ -3,7 +3,7 @@
     subpeft methods          the registered methods: family, kind, mergeable, parameter formula
     subpeft methods --markdown   the same as the Markdown table of the README
     subpeft demo [...]       the main job: LoRA on MiniLM on the tweet sentiment task
-    subpeft analyze DIR [DIR ...] [--reference REF] [--out OUT] [--base auto|minilm|smollm2|module:factory]
+    subpeft analyze DIR [DIR ...] [--reference REF] [--out OUT] [--base auto|minilm|smollm2|PATH|module:factory]
                   [--top K]  what saved adapters do to each weight (subpeft.analysis); with several
                              DIRs and a full fine-tune as REF, distance to it per layer and method
     subpeft train [--method NAME] [--config FILE.json] [--set key=value ...] [--model NAME|PATH]
@@ -81,9 +81,13 @@ def _classifier_labels(directory: str) -> int | None:
 
 def _base_model(spec: str, directory: str):
     """A fresh base model for the adapter in ``directory``. "auto": the model of the ``subpeft train`` run
-    that wrote it (its run.json), else MiniLM; "minilm" (the bundled MiniLM classifier, labels read from
-    the adapter's saved head, else 3); "smollm2"; or "module:factory" (a callable returning the model)."""
+    that wrote it (its run.json), else MiniLM; otherwise any name :func:`subpeft.train.models.load_model`
+    resolves: "minilm" (the bundled MiniLM classifier), "smollm2", a local Hugging Face model folder or
+    "module:factory" (a callable returning the model). A classifier gets as many labels as the
+    adapter's saved head has."""
     from pathlib import Path
+
+    from .train.models import ModelNameError, load_model, model_source
 
     if spec == "auto":
         from .train.run import find_run_json, load_run_base
@@ -91,28 +95,11 @@ def _base_model(spec: str, directory: str):
         if find_run_json(Path(directory)) is not None:
             return load_run_base(directory)[2]
         spec = "minilm"
-    if spec == "minilm":
-        from .train.models import load_minilm_classifier
-
-        return load_minilm_classifier(_classifier_labels(directory) or 3)[0]
-    if spec == "smollm2":
-        from .train.models import load_folder, smollm2_path
-
-        return load_folder(smollm2_path(), "generation")[0]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"--base must be 'auto', 'minilm', 'smollm2' or 'module:factory', got {spec!r}")
-    import importlib
-
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ImportError as exc:
-        raise UsageError(f"--base {spec}: cannot import {module_name!r}: {exc}") from None
-    except AttributeError:
-        raise UsageError(f"--base {spec}: module {module_name!r} has no {attr!r}") from None
-    if not callable(factory):
-        raise UsageError(f"--base {spec}: {attr!r} is not a callable that returns the model")
-    return factory()
+        labels = _classifier_labels(directory) if model_source(spec) in ("minilm", "folder") else None
+        return load_model(spec, num_labels=labels, with_tokenizer=False)[0]
+    except ModelNameError as exc:
+        raise UsageError(f"--base {exc}") from None
 
 
 #: weight files a reference directory may hold: save_pretrained's, or ``subpeft train --method full``'s
@@ -678,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "several, and distance_by_method.png with a reference)")
     p_an.add_argument("--base", default="auto",
                       help="base model: 'auto' (default: the model named by the run.json that subpeft train wrote "
-                           "beside the adapter, else minilm), 'minilm', 'smollm2' or 'module:factory'")
+                           "beside the adapter, else minilm), 'minilm', 'smollm2', a local Hugging Face model folder or "
+                           "'module:factory'")
     p_an.add_argument("--top", type=int, default=8, help="task-specific directions per layer (default 8)")
     p_an.add_argument("--no-plots", action="store_true", help="with --out, write report.json only")
     _add_train_parsers(sub)

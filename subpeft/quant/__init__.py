@@ -1,9 +1,9 @@
 """QLoRA: every weight-space method on a base stored in 4-bit NormalFloat (bitsandbytes), paged optimizers.
 
     import subpeft as sp
-    from subpeft.quant import quantize, load_quantized, paged_adamw, merge_errors, dequantize_model
+    from subpeft.quant import quantize, paged_adamw, merge_errors, dequantize_model
 
-    model = load_quantized("smollm2", double_quant=True)          # or quantize(any_model)
+    model = sp.load_quantized("smollm2", double_quant=True)       # by name or folder; or quantize(any_model)
     tuned = sp.attach(model, sp.LoRA(r=8, targets="all-linear"))   # any weight-space method
     opt = paged_adamw(p for p in tuned.parameters() if p.requires_grad)
     ...
@@ -11,7 +11,6 @@
     plain = dequantize_model(tuned.merge_and_unload())             # full precision
 """
 
-from .loading import load_quantized, paged_adamw
 from .nf4 import (
     DEFAULT_SKIP,
     PagedOptimizerWarning,
@@ -26,6 +25,7 @@ from .nf4 import (
     storage,
     to_linear4bit,
 )
+from .paged import paged_adamw
 
 __all__ = [
     "DEFAULT_SKIP",
@@ -35,7 +35,6 @@ __all__ = [
     "dequantize",
     "dequantize_model",
     "is_quantized",
-    "load_quantized",
     "merge_errors",
     "paged_adamw",
     "quantize",
@@ -43,3 +42,16 @@ __all__ = [
     "storage",
     "to_linear4bit",
 ]
+
+
+def __getattr__(name: str):
+    # Loading a model by name is the experiment side's (subpeft.train.models); quant imports core only.
+    if name == "load_quantized":
+        import warnings
+
+        warnings.warn("subpeft.quant.load_quantized is deprecated: use sp.load_quantized "
+                      "(subpeft.train.models.load_quantized)", DeprecationWarning, stacklevel=2)
+        from ..train.models import load_quantized
+
+        return load_quantized
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

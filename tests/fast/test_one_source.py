@@ -128,3 +128,64 @@ def test_train_cli_reports_the_library_count_in_fp32_and_nf4(tmp_path):
     assert metrics["nf4"]["quantized_layers"] > 0
     for key in ("trainable_parameters", "total_parameters", "trainable_percent"):
         assert metrics["fp32"][key] == metrics["nf4"][key], key
+
+
+# -- model names ------------------------------------------------------------------------------------
+def test_model_names_resolve_in_one_place(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from subpeft.train.models import ModelNameError, load_model, model_source
+
+    from .test_qlora import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")  # no tokenizer in these folders
+    _tiny_bert().save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "encoder")
+    (tmp_path / "empty").mkdir()
+    assert [model_source(n) for n in ("minilm", "smollm2", tmp_path / "llama", "tests.fast.tiny_models:MLP")] == [
+        "minilm", "smollm2", "folder", "factory"]
+    for bad, match in (("nonsense", "neither a local model folder"), (tmp_path / "empty", "without config.json")):
+        with pytest.raises(ModelNameError, match=match):
+            model_source(bad)
+    with pytest.raises(ModelNameError, match="neither"):
+        model_source("tests.fast.tiny_models:MLP", factory=False)  # subpeft train takes no factories
+    # the kind comes from the folder's config.json unless asked
+    kinds = {name: type(load_model(tmp_path / name, with_tokenizer=False)[0]).__name__
+             for name in ("llama", "bert", "encoder")}
+    assert kinds == {"llama": "LlamaForCausalLM", "bert": "BertForSequenceClassification", "encoder": "BertModel"}
+    model, tokenizer = load_model(tmp_path / "encoder", "classification", num_labels=5, with_tokenizer=False)
+    assert model.classifier.out_features == 5 and tokenizer is None
+    model, tokenizer = load_model("tests.fast.tiny_models:MLP")
+    assert type(model).__name__ == "MLP" and tokenizer is None
+    for bad in ("no_such_module_xyz:f", "tests.fast.tiny_models:nothing"):
+        with pytest.raises(ModelNameError, match=bad.split(":")[0]):
+            load_model(bad)
+    with pytest.raises(ModelNameError, match="cannot generate"):
+        load_model("minilm", "generation")
+
+
+def test_load_quantized_is_the_train_side_and_quant_imports_no_train():
+    """Loading by name lives in subpeft.train.models; quant imports core only (its load_quantized is a
+    deprecated alias, resolved on first use)."""
+    import ast
+    from pathlib import Path
+
+    import subpeft.quant
+    from subpeft.train import models
+
+    assert sp.load_quantized is models.load_quantized
+    if HAS_BNB:
+        with pytest.warns(DeprecationWarning, match="sp.load_quantized"):
+            assert subpeft.quant.load_quantized is models.load_quantized
+    for path in Path(subpeft.quant.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and path.name == "__init__.py":
+                node.body = []  # the deprecated alias
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not target.startswith(("..train", "subpeft.train", "..cli")), (path.name, target)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("subpeft.train") for a in node.names), path.name

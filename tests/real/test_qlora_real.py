@@ -82,8 +82,9 @@ class MiniLM:
 
 @pytest.fixture(scope="module")
 def minilm() -> MiniLM:
-    from subpeft.quant import is_quantized, load_quantized, storage
+    from subpeft.quant import is_quantized, storage
     from subpeft.train import load_minilm_classifier, load_tweets
+    from subpeft.train.models import load_quantized
 
     task = load_tweets({"train": STEPS * 16, "dev": 0, "test": 96}, seed=SEED)
     fp, tokenizer = load_minilm_classifier(task.num_labels, seed=SEED)
