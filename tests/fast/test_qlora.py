@@ -451,10 +451,10 @@ def test_paged_adamw_picks_bitsandbytes_paged_classes_where_cuda_is(monkeypatch)
     """The CUDA branch's choice of class (constructed only: no CUDA here to step it on)."""
     import bitsandbytes as bnb
 
-    from subpeft.quant import loading
+    from subpeft.quant import paged
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(loading, "_params_on_cuda", lambda params: True)
+    monkeypatch.setattr(paged, "_params_on_cuda", lambda params: True)
     p = [nn.Parameter(torch.zeros(4))]
     assert type(paged_adamw(p, bits=32)) is bnb.optim.PagedAdamW32bit
     assert type(paged_adamw(p, bits=8)) is bnb.optim.PagedAdamW8bit
