@@ -24,6 +24,7 @@ from torch import nn
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
 from ...core.prompt import PromptAdapter
+from ...core.weights import weight_access
 
 # PEFT task types by the ending of the transformers class name
 _TASKS = (
@@ -125,9 +126,8 @@ def _dedupe(names: list[str] | None) -> list[str] | None:
 
 def embedding_factory(model: nn.Module) -> dict[str, Any]:
     """Device and dtype for a prompt's trainable tensors: the model's device, at least float32."""
-    emb = model.get_input_embeddings()
-    weight = emb.weight
-    dtype = torch.promote_types(weight.dtype, torch.float32) if weight.is_floating_point() else torch.float32
+    weight = weight_access(model.get_input_embeddings())
+    dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
     return {"device": weight.device, "dtype": dtype}
 
 
