@@ -4,14 +4,17 @@
   merge state. Its forward chains the active, unmerged adapters around the base layer (the first
   active one innermost; merged adapters are in the weight, below all of them).
 
-  Merge and unmerge, one mechanism for every method and weight format: a merge keeps the tensors it
-  overwrites (a copy of a dense weight or bias; for a 4-bit weight its packed codes and quant state,
-  no copy, as requantising replaces both) and unmerge puts them back, so the base is restored bit
-  for bit in any dtype, however many cycles run and whatever the adapter's values (a float inverse
-  such as W + ΔW − ΔW drifts in bfloat16 and cannot undo NaN). A merge that would write NaN/inf
+  Merge and unmerge, one mechanism for every method and weight format, through the weight-access
+  protocol (:mod:`.weights`): a merge keeps a snapshot of each tensor it overwrites (a copy of a dense
+  weight or bias; for a 4-bit weight its packed codes and quant state, no copy, as requantising
+  replaces both) and unmerge restores it, so the base is restored bit for bit in any dtype, however
+  many cycles run and whatever the adapter's values (a float inverse such as W + ΔW − ΔW drifts in
+  bfloat16 and cannot undo NaN). A merge that would write NaN/inf
   where the base was finite raises :class:`UnsafeMergeError` before writing. On a 4-bit base a merge
-  dequantises, adds and requantises: the error requantising introduced is recorded per adapter in
-  ``quant_error`` ({"max_abs", "rel_fro"}, see :func:`subpeft.quant.merge_errors`).
+  dequantises, adds and requantises (the accessor's write rounds): the error it reports is recorded
+  per adapter in ``quant_error`` ({"max_abs", "rel_fro"}, see :func:`subpeft.quant.merge_errors`) and
+  the accessor's ``rounding_warning`` is given. :func:`densify_model` swaps packed layers for their
+  dense form (``merge_and_unload(dequantize=True)``).
 - :class:`TrainableCopy` wraps a module listed in ``modules_to_save``: one trainable copy per
   adapter, the original kept for ``disable_adapter()`` and ``unload()``.
 """
