@@ -1,7 +1,8 @@
 """Tier 'real': `subpeft analyze` on adapters that `subpeft train` wrote for MiniLM on the tweets.
 
-A short LoRA run and a short full fine-tune of the same model and data; then the analysis of the LoRA
-adapter against the full fine-tune (the base model found from the run's run.json), and against itself.
+The short LoRA run that conftest.py shares (all linears) and a short full fine-tune of the same model and
+data; then the analysis of the LoRA adapter against the full fine-tune (the base model found from the run's
+run.json), and against itself.
 """
 
 from __future__ import annotations
@@ -14,22 +15,22 @@ from _real_marks import marks, minilm_tweets
 
 from subpeft.cli import main
 
-COMMON = ["--max-steps", "30", "--train-size", "480", "--test-size", "100", "--max-length", "64", "--quiet"]
+FULL = ["train", "--method", "full", "--max-steps", "20", "--train-size", "320", "--test-size", "100",
+        "--max-length", "64", "--quiet"]
 
 
 @marks(minilm_tweets)
-def test_analyze_lora_against_a_full_finetune(tmp_path, capsys):
-    lora, full, out = tmp_path / "lora", tmp_path / "full", tmp_path / "analysis"
-    assert main(["train", "--method", "lora", "--lr", "3e-3", "--out", str(lora), *COMMON]) == 0
-    assert main(["train", "--method", "full", "--out", str(full), *COMMON]) == 0
+def test_analyze_lora_against_a_full_finetune(cli_lora_run, tmp_path, capsys):
+    lora, full, out = cli_lora_run, tmp_path / "full", tmp_path / "analysis"
+    assert main([*FULL, "--out", str(full)]) == 0
     assert (full / "trainable.safetensors").is_file()
     capsys.readouterr()
 
     assert main(["analyze", str(lora), "--reference", str(full), "--out", str(out), "--no-plots"]) == 0
     text = capsys.readouterr().out
-    assert "lora, 12 adapted layers" in text  # query and value of 6 blocks (LoRA's default targets)
+    assert "lora, 37 adapted layers" in text  # the 6 linears of 6 blocks and the pooler
     layers = json.loads((out / "report.json").read_text())["layers"]
-    assert len(layers) == 12
+    assert len(layers) == 37
     # each distance equals ‖W_ref − (W + ΔW)‖ / ‖W_ref − W‖ computed here from the files themselves: the base
     # found through run.json, the reference read from the full run's trainable.safetensors, the same layers
     from safetensors.torch import load_file
@@ -56,15 +57,13 @@ def test_analyze_lora_against_a_full_finetune(tmp_path, capsys):
 
 
 @marks(minilm_tweets)
-def test_analyze_refuses_a_reference_of_another_model(tmp_path, capsys):
+def test_analyze_refuses_a_reference_of_another_model(cli_lora_run, tmp_path, capsys):
     """A reference whose weights do not fit (here: a tiny file with the right key, wrong shape) is an error
     that names the layer, not a silent number."""
     import torch
     from safetensors.torch import save_file
 
-    lora = tmp_path / "lora"
-    assert main(["train", "--method", "lora", "--max-steps", "2", "--train-size", "32", "--test-size", "16",
-                 "--max-length", "32", "--out", str(lora), "--quiet"]) == 0
+    lora = cli_lora_run
     save_file({"bert.encoder.layer.0.attention.self.query.weight": torch.zeros(4, 4)}, str(tmp_path / "bad.safetensors"))
     capsys.readouterr()
     assert main(["analyze", str(lora), "--reference", str(tmp_path / "bad.safetensors")]) == 2

@@ -1,6 +1,6 @@
 """Tier 'real': the command line on the real models and data.
 
-* `subpeft train` (LoRA on MiniLM, tweets, 100 steps) learns: held-out accuracy at least MARGIN above
+* `subpeft train` (LoRA on MiniLM, tweets, 40 steps; the run conftest.py shares) learns: held-out accuracy at least MARGIN above
   the untrained model's (fresh head), and `subpeft eval` on the saved adapter reproduces the number;
 * `subpeft train --task chat` (LoRA on SmolLM2-135M, chatterbot-corpus) lowers the held-out answer
   loss (prompt masked out) from the untrained model's.
@@ -21,10 +21,8 @@ MARGIN = 0.10
 
 
 @marks(minilm_tweets)
-def test_train_and_eval_lora_minilm_tweets(tmp_path):
-    out = tmp_path / "lora"
-    assert main(["train", "--max-steps", "100", "--train-size", "1600", "--test-size", "500", "--lr", "3e-3",
-                 "--set", "targets=all-linear", "--eval-before", "--out", str(out), "--quiet"]) == 0
+def test_train_and_eval_lora_minilm_tweets(cli_lora_run, tmp_path):
+    out = cli_lora_run
     m = json.loads((out / "metrics.json").read_text())
     assert (m["method"], m["model"], m["task"]) == ("lora", "minilm", "tweets")
     assert m["test"]["accuracy"] >= m["untrained_test"]["accuracy"] + MARGIN, m["test"]
@@ -38,8 +36,9 @@ def test_train_and_eval_lora_minilm_tweets(tmp_path):
 @marks(smollm2_chat)
 def test_train_lora_smollm2_chat_lowers_answer_loss(tmp_path):
     out = tmp_path / "chat"
-    assert main(["train", "--task", "chat", "--max-steps", "40", "--batch-size", "8", "--train-size", "320",
-                 "--test-size", "32", "--max-length", "96", "--lr", "1e-3", "--set", "r=8",
+    # measured: the held-out answer loss falls from 3.92 to about 3.0 in 8-12 steps of 4
+    assert main(["train", "--task", "chat", "--max-steps", "10", "--batch-size", "4", "--train-size", "80",
+                 "--test-size", "32", "--max-length", "64", "--lr", "1e-3", "--set", "r=8",
                  "--set", 'targets=["q_proj","k_proj","v_proj","o_proj"]', "--max-new-tokens", "8",
                  "--eval-before", "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
