@@ -12,8 +12,12 @@ PIP = $(PY) -m pip install --disable-pip-version-check -q
 # Elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid a CUDA build.
 TORCH_VERSION ?= 2.13.0
 CONSTRAINTS = .torch-constraint.txt
-# pytest's tiers: fast (no real model), real (real models and data), dist (several processes)
-PYTEST = $(PY) -m pytest -q -ra -p no:cacheprovider
+# pytest's tiers: fast (no real model) and real (real models and data). The tests run in TEST_WORKERS processes
+# (pytest-xdist, one test file per process at a time) of one thread each: on 2 cores that halves the wall time
+# against one process of 2 threads, at the same CPU time, and a busy machine does not stall it (2 threads that
+# wait for each other on a loaded machine spin: a real test took 6x its CPU time that way).
+TEST_WORKERS ?= 2
+PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-fast test-real bench lint versions
 
