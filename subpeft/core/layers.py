@@ -92,14 +92,7 @@ def dims(module: nn.Module, kind: str) -> tuple[int, int]:
 def weight_2d(module: nn.Module, kind: str) -> torch.Tensor:
     """The weight as a (d_out, d_in) matrix (a view where the layout allows; dequantised for a 4-bit
     layer, see :func:`base_weight`)."""
-    w = weight_access(module).read()
-    if kind == "linear":
-        return w
-    if kind in ("conv1d", "embedding"):
-        return w.t()
-    if kind == "conv2d":
-        return w.reshape(w.shape[0], -1)
-    raise ValueError(f"unknown layer type {kind!r}")
+    return to_2d(module, kind, weight_access(module).read())
 
 
 def to_2d(module: nn.Module, kind: str, w: torch.Tensor) -> torch.Tensor:
