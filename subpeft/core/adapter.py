@@ -24,24 +24,20 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from .instance import LayerInstance, MethodInstance, MethodTraits
 from .layers import base_weight
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
 
 
-class Adapter(nn.Module):
-    # set by each method
-    config_cls: ClassVar[type[AdapterConfig]]
-    family: ClassVar[str] = "extension"
-    kind: ClassVar[str] = "weight"
-    mergeable: ClassVar[bool] = True
-    formula: ClassVar[str] = ""  # trainable numbers per adapted layer, e.g. "r·(d_in + d_out)"
-    trains: ClassVar[str] = ""  # what trains, in a few words, e.g. "low-rank factors A, B"
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    #: the method rewrites the model call itself (UniPELT's prefix), so it cannot run together with a
-    #: prompt-kind adapter, which rewrites the same call
-    rewrites_calls: ClassVar[bool] = False
+class Adapter(MethodTraits, nn.Module):
+    """One adapter of a weight-space or module-level method on one base layer. The method's class
+    attributes (``config_cls``, ``family``, ``mergeable``, ...) are declared as in :class:`MethodTraits`;
+    one named adapter of the method is a :class:`~subpeft.core.instance.LayerInstance`, which creates
+    one of these per targeted layer and calls the ``model_*`` hooks below over all of them."""
+
+    instance_cls: ClassVar[type[MethodInstance]] = LayerInstance
     #: the forward is ``base(x) + g(x)`` with g independent of the layer below (LoRA-type, VeRA, BitFit,
     #: ...): such adapters commute, so one may be merged while another stays unmerged below it.
     #: False (the safe default) for methods that transform what the layer below computes (scalings,
@@ -74,22 +70,6 @@ class Adapter(nn.Module):
         return self.__dict__["_shared"]
 
     # -- which layers, and state shared between them ---------------------------------------------
-    @classmethod
-    def prepare_config(cls, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
-        """The config with everything left to the model resolved, before any layer is touched.
-
-        The default: ``targets=None`` becomes the config class's ``default_targets`` or the model's
-        usual attention targets. Module-level methods resolve their targets (and e.g. trainable
-        LayerNorms as ``modules_to_save``) from the architecture description (:mod:`subpeft.core.arch`).
-        """
-        from .targets import default_targets
-
-        if config.targets is None:
-            resolved = type(config).default_targets or default_targets(model)
-            if resolved is not None:
-                config = config.replace(targets=resolved)
-        return config
-
     @classmethod
     def accepts(cls, config: AdapterConfig, module: nn.Module, layer_type: str) -> bool:
         """Whether this method can adapt the module (e.g. BitFit: only modules with a bias). Targets
@@ -164,12 +144,6 @@ class Adapter(nn.Module):
     def file_key(self, key: str) -> str:
         """Name of a state_dict entry in the adapter file (after the module path)."""
         return key
-
-    @classmethod
-    def shared_file_key(cls, config: AdapterConfig, key: str) -> str:
-        """Full file key of an entry of the shared state (see create_shared); PEFT-compatible methods
-        may map to PEFT's own place (VeRA: ``base_model.vera_A``)."""
-        return "base_model.shared." + key
 
     def optional_keys(self) -> set[str]:
         """Keys of this adapter's state_dict that a file may lack: training state that Hugging Face PEFT

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .adapter import Adapter
 from .errors import UnsafeMergeError
 from .weights import WeightAccess, register_weight_access, warn_rounding, weight_access
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 
 class AdaptedLayer(nn.Module):

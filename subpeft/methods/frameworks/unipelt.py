@@ -41,6 +41,7 @@ from ...core.adapter import Adapter
 from ...core.arch import describe
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError, SubpeftError
+from ...core.instance import LayerInstance
 from ...core.layers import dims, factory
 from ...core.prompt import bind_call, cache_length, passed_cache, rewrite_call
 from ...core.registry import register
@@ -127,13 +128,26 @@ class UniPELTShared(nn.Module):
         return state
 
 
+class UniPELTInstance(LayerInstance):
+    """One named UniPELT adapter: its layers' parts plus the shared prefix, which enters the model
+    call (so no other adapter that rewrites the call may run with it) and is saved folded."""
+
+    rewrites_call = True
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.file_state()
+
+    def file_config(self) -> UniPELT:
+        return self.shared.file_config()
+
+
 @register
 class UniPELTAdapter(Adapter):
     config_cls = UniPELT
     family = "framework"
     kind = "module"
     mergeable = False
-    rewrites_calls = True
+    instance_cls = UniPELTInstance
     layer_types = ("linear", "conv1d")
     formula = "q, v: r·(d_in + d_out) + d_in + 1 (+ d_in + 1 on q); FFN out: 2·d·m + d + m + d + 1; + the prefix"
     trains = "gated LoRA (q, v), gated prefix, gated bottleneck"
