@@ -56,7 +56,7 @@ class Adapter(MethodTraits, nn.Module):
         self.layer_type = layer_type
         self.layer_name = name  # the module's name in the model (e.g. "encoder.layer.0.attention.self.query")
         # plain references, not submodules: the base layer belongs to the model, and the shared
-        # state (see create_shared) to the TunedModel, which registers and saves it once
+        # state (see LayerInstance.create_shared) to the TunedModel, which registers and saves it once
         self.__dict__["_base_layer"] = base_layer
         self.__dict__["_shared"] = shared
 
@@ -75,17 +75,6 @@ class Adapter(MethodTraits, nn.Module):
         """Whether this method can adapt the module (e.g. BitFit: only modules with a bias). Targets
         named explicitly that are not accepted raise; ``targets="all"`` skips them."""
         return True
-
-    @classmethod
-    def create_shared(cls, config: AdapterConfig, layers: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
-        """State shared by all layers of one named adapter, created before the per-layer adapters.
-
-        ``layers`` are (module name, base layer, layer type) of every target. The returned module's
-        parameters train with the adapter and its state_dict is saved once (under
-        ``base_model.shared.``); each per-layer adapter sees it as ``self.shared``. Used for VeRA's
-        shared random projections and PiCa's per-role matrices. None (the default): no shared state.
-        """
-        return None
 
     # -- the two views of φ ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -157,27 +146,11 @@ class Adapter(MethodTraits, nn.Module):
         layer says no, the adapter is written in subpeft's native format instead."""
         return True
 
-    # -- training-time hooks ---------------------------------------------------------------------
+    # -- training-time hooks (the adapter-wide ones are the method instance's, core/instance.py) ----------
     def regularization(self) -> torch.Tensor | None:
+        """This layer's loss term; the named adapter's :class:`~subpeft.core.instance.LayerInstance` adds
+        the layers' terms up (a method's own instance class may do otherwise)."""
         return None
 
     def step(self, global_step: int) -> None:
-        return None
-
-    @classmethod
-    def model_regularization(cls, adapters: list[Adapter]) -> torch.Tensor | None:
-        """The loss term of one named adapter over all its layers (methods may average instead)."""
-        terms = [t for t in (a.regularization() for a in adapters) if t is not None]
-        return torch.stack(terms).sum() if terms else None
-
-    @classmethod
-    def model_step(cls, adapters: list[Adapter], global_step: int) -> None:
-        """Called after each optimizer step with all layers of one named adapter (for global state)."""
-        for a in adapters:
-            a.step(global_step)
-
-    @classmethod
-    def model_finalize(cls, config: AdapterConfig, adapters: list[Adapter]) -> AdapterConfig | None:
-        """End of training (``tuned.finalize()``): e.g. Diff pruning keeps its top-k entries. Returns
-        the adapter's new config when its saved form changes (the default: nothing to do, None)."""
         return None

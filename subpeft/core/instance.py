@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .layer import AdaptedLayer
+from .layer import AdaptedLayer, set_submodule
 from .targets import candidate_type, default_targets, find_targets
 
 if TYPE_CHECKING:
@@ -183,12 +183,6 @@ class MethodInstance:
         return self.file_config().to_peft_dict({adapter.layer_type for _, adapter in layers})
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 class LayerInstance(MethodInstance):
     """A weight-space or module-level method: one per-layer adapter (``method``, an
     :class:`~subpeft.core.adapter.Adapter` subclass) in each targeted layer."""
@@ -211,15 +205,16 @@ class LayerInstance(MethodInstance):
             module = model.get_submodule(name)
             if not isinstance(module, AdaptedLayer):
                 module = AdaptedLayer(module, candidate_type(module))
-                _set_submodule(model, name, module)
+                set_submodule(model, name, module)
             module.adapters[self.name] = method(config, module.base_layer, module.layer_type, name=name,
                                                 shared=self.shared)
 
     def create_shared(self, layers: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
         """The adapter's shared state, made before its per-layer adapters (which see it as
-        ``self.shared``); ``layers`` are (module name, base layer, layer type) of every target. The
-        default asks the per-layer class (:meth:`~subpeft.core.adapter.Adapter.create_shared`)."""
-        return self.method.create_shared(self.config, layers)
+        ``self.shared``); ``layers`` are (module name, base layer, layer type) of every target. Its
+        parameters train with the adapter; it is saved once, under the keys the method's
+        ``shared_file_key`` gives (VeRA's projections, PiCa's per-role M). None (the default): none."""
+        return None
 
     def remove(self) -> None:
         for name, module in list(self.model.named_modules()):
@@ -228,7 +223,7 @@ class LayerInstance(MethodInstance):
             if self.name in module.adapters:
                 del module.adapters[self.name]
             if len(module.adapters) == 0:
-                _set_submodule(self.model, name, module.base_layer)
+                set_submodule(self.model, name, module.base_layer)
 
     def layers(self) -> list[tuple[str, Adapter]]:
         return [
@@ -236,21 +231,18 @@ class LayerInstance(MethodInstance):
             if isinstance(m, AdaptedLayer) and self.name in m.adapters
         ]
 
-    def _adapters(self) -> list[Adapter]:
+    def adapters(self) -> list[Adapter]:
+        """The per-layer adapters, in the model's module order."""
         return [a for _, a in self.layers()]
 
     def regularization(self) -> torch.Tensor | None:
-        adapters = self._adapters()
-        return self.method.model_regularization(adapters) if adapters else None
+        """The sum of the layers' terms (a method may average or add an adapter-wide term instead)."""
+        terms = [t for t in (a.regularization() for a in self.adapters()) if t is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def step(self, global_step: int) -> None:
-        adapters = self._adapters()
-        if adapters:
-            self.method.model_step(adapters, global_step)
-
-    def finalize(self) -> AdapterConfig | None:
-        adapters = self._adapters()
-        return self.method.model_finalize(self.config, adapters) if adapters else None
+        for adapter in self.adapters():
+            adapter.step(global_step)
 
 
 class PromptInstance(MethodInstance):

@@ -3,6 +3,12 @@
 It forwards exactly like the base model (all arguments, HF ``generate``, attribute access) and
 adds the adapter life cycle: add / set / delete adapters, merge / unmerge / unload, disable,
 save / load, and the two training-time hooks ``regularization()`` and ``step(global_step)``.
+
+Each named adapter is a method instance (:class:`~subpeft.core.instance.MethodInstance`, kept in
+``instances``): the TunedModel has it inject and remove itself, asks it for its parameters, hooks,
+file state and call wrapper, and never asks what kind of method it is. What it does itself is common
+to every method: the ``modules_to_save`` copies, the active set, and merging, disabling and unwrapping
+the :class:`~subpeft.core.layer.AdaptedLayer` s that any instance may have put in.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from .config import AdapterConfig
 from .errors import AdapterLoadError, AdapterLoadWarning, AdapterNameError, ConfigError, SubpeftError
 from .instance import FILE_PREFIX, MethodInstance
 from .io import read_config, read_tensors, write_adapter
-from .layer import AdaptedLayer, TrainableCopy, densify_model
+from .layer import AdaptedLayer, TrainableCopy, densify_model, set_submodule
 from .registry import config_from_dict, method_for_config
 from .targets import find_modules_to_save
 from .weights import weight_access
@@ -53,9 +59,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-from .instance import _set_submodule  # noqa: E402  (one definition, used by both)
-
-
 class TunedModel(nn.Module):
     """A model with subpeft adapters. Create it with :func:`subpeft.attach` or :func:`subpeft.load`."""
 
@@ -77,7 +80,7 @@ class TunedModel(nn.Module):
         # moves and is saved with the model
         self.shared = nn.ModuleDict()
         self.active_adapters: list[str] = []
-        self._prompts_disabled = False
+        self._call_wrappers_disabled = False
         self._grad_backup = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -167,13 +170,13 @@ class TunedModel(nn.Module):
             module = self.model.get_submodule(name)
             if not isinstance(module, TrainableCopy):
                 module = TrainableCopy(module)
-                _set_submodule(self.model, name, module)
+                set_submodule(self.model, name, module)
             module.add(adapter_name)
 
     def _call_wrapper(self) -> Any:
         """What routes the model call: the call wrapper of the active adapter that rewrites the call
         (at most one may be active), or None."""
-        if self._prompts_disabled:
+        if self._call_wrappers_disabled:
             return None
         found = [n for n in self.active_adapters if self.instances[n].rewrites_call]
         if len(found) > 1:
@@ -223,7 +226,7 @@ class TunedModel(nn.Module):
             if adapter_name in wrapper.copies:
                 del wrapper.copies[adapter_name]
             if len(wrapper.copies) == 0:
-                _set_submodule(self.model, name, wrapper.original)
+                set_submodule(self.model, name, wrapper.original)
 
     def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         yield from self.instances[adapter_name].parameters()
@@ -375,10 +378,12 @@ class TunedModel(nn.Module):
 
     def _unwrap(self, keep_copies: bool) -> nn.Module:
         for name, layer in list(self.adapted_layers()):
-            _set_submodule(self.model, name, layer.base_layer)
+            set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self._trainable_copies()):
-            _set_submodule(self.model, name, wrapper.current() if keep_copies else wrapper.original)
+            set_submodule(self.model, name, wrapper.current() if keep_copies else wrapper.original)
         self._restore_grad()
+        for instance in self.instances.values():
+            instance.remove()  # whatever else an instance put into the model (its layers are gone already)
         for n in list(self.shared):
             del self.shared[n]
         self.instances.clear()
@@ -430,11 +435,11 @@ class TunedModel(nn.Module):
         wrappers = [w for _, w in self._trainable_copies()]
         for m in layers + wrappers:
             m.disabled = True
-        self._prompts_disabled = True
+        self._call_wrappers_disabled = True
         try:
             yield
         finally:
-            self._prompts_disabled = False
+            self._call_wrappers_disabled = False
             for m in layers + wrappers:
                 m.disabled = False
             for name, layer in self.adapted_layers():
