@@ -19,6 +19,7 @@ from .core.errors import (
     UnsafeMergeError,
     UnsupportedLayerError,
 )
+from .core.instance import LayerInstance, MethodInstance, MethodTraits, PromptInstance
 from .core.model import TunedModel, attach, load
 from .core.registry import MethodInfo, config_from_dict, get_method, list_methods, register
 from .methods.combination.dora import DoRA
@@ -65,6 +66,10 @@ __all__ = [
     "AdaLoRA",
     "Adapter",
     "AdapterConfig",
+    "LayerInstance",
+    "MethodInstance",
+    "MethodTraits",
+    "PromptInstance",
     "AdapterLoadError",
     "AdapterNameError",
     "attach",

@@ -24,24 +24,20 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from .instance import LayerInstance, MethodInstance, MethodTraits
 from .layers import base_weight
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
 
 
-class Adapter(nn.Module):
-    # set by each method
-    config_cls: ClassVar[type[AdapterConfig]]
-    family: ClassVar[str] = "extension"
-    kind: ClassVar[str] = "weight"
-    mergeable: ClassVar[bool] = True
-    formula: ClassVar[str] = ""  # trainable numbers per adapted layer, e.g. "r·(d_in + d_out)"
-    trains: ClassVar[str] = ""  # what trains, in a few words, e.g. "low-rank factors A, B"
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    #: the method rewrites the model call itself (UniPELT's prefix), so it cannot run together with a
-    #: prompt-kind adapter, which rewrites the same call
-    rewrites_calls: ClassVar[bool] = False
+class Adapter(MethodTraits, nn.Module):
+    """One adapter of a weight-space or module-level method on one base layer. The method's class
+    attributes (``config_cls``, ``family``, ``mergeable``, ...) are declared as in :class:`MethodTraits`;
+    one named adapter of the method is a :class:`~subpeft.core.instance.LayerInstance`, which creates
+    one of these per targeted layer and calls the ``model_*`` hooks below over all of them."""
+
+    instance_cls: ClassVar[type[MethodInstance]] = LayerInstance
     #: the forward is ``base(x) + g(x)`` with g independent of the layer below (LoRA-type, VeRA, BitFit,
     #: ...): such adapters commute, so one may be merged while another stays unmerged below it.
     #: False (the safe default) for methods that transform what the layer below computes (scalings,
@@ -60,7 +56,7 @@ class Adapter(nn.Module):
         self.layer_type = layer_type
         self.layer_name = name  # the module's name in the model (e.g. "encoder.layer.0.attention.self.query")
         # plain references, not submodules: the base layer belongs to the model, and the shared
-        # state (see create_shared) to the TunedModel, which registers and saves it once
+        # state (see LayerInstance.create_shared) to the TunedModel, which registers and saves it once
         self.__dict__["_base_layer"] = base_layer
         self.__dict__["_shared"] = shared
 
@@ -75,37 +71,10 @@ class Adapter(nn.Module):
 
     # -- which layers, and state shared between them ---------------------------------------------
     @classmethod
-    def prepare_config(cls, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
-        """The config with everything left to the model resolved, before any layer is touched.
-
-        The default: ``targets=None`` becomes the config class's ``default_targets`` or the model's
-        usual attention targets. Module-level methods resolve their targets (and e.g. trainable
-        LayerNorms as ``modules_to_save``) from the architecture description (:mod:`subpeft.core.arch`).
-        """
-        from .targets import default_targets
-
-        if config.targets is None:
-            resolved = type(config).default_targets or default_targets(model)
-            if resolved is not None:
-                config = config.replace(targets=resolved)
-        return config
-
-    @classmethod
     def accepts(cls, config: AdapterConfig, module: nn.Module, layer_type: str) -> bool:
         """Whether this method can adapt the module (e.g. BitFit: only modules with a bias). Targets
         named explicitly that are not accepted raise; ``targets="all"`` skips them."""
         return True
-
-    @classmethod
-    def create_shared(cls, config: AdapterConfig, layers: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
-        """State shared by all layers of one named adapter, created before the per-layer adapters.
-
-        ``layers`` are (module name, base layer, layer type) of every target. The returned module's
-        parameters train with the adapter and its state_dict is saved once (under
-        ``base_model.shared.``); each per-layer adapter sees it as ``self.shared``. Used for VeRA's
-        shared random projections and PiCa's per-role matrices. None (the default): no shared state.
-        """
-        return None
 
     # -- the two views of φ ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -165,12 +134,6 @@ class Adapter(nn.Module):
         """Name of a state_dict entry in the adapter file (after the module path)."""
         return key
 
-    @classmethod
-    def shared_file_key(cls, config: AdapterConfig, key: str) -> str:
-        """Full file key of an entry of the shared state (see create_shared); PEFT-compatible methods
-        may map to PEFT's own place (VeRA: ``base_model.vera_A``)."""
-        return "base_model.shared." + key
-
     def optional_keys(self) -> set[str]:
         """Keys of this adapter's state_dict that a file may lack: training state that Hugging Face PEFT
         does not save (e.g. AdaLoRA's importance EMAs). Missing from a file, they keep their attach-time
@@ -183,27 +146,11 @@ class Adapter(nn.Module):
         layer says no, the adapter is written in subpeft's native format instead."""
         return True
 
-    # -- training-time hooks ---------------------------------------------------------------------
+    # -- training-time hooks (the adapter-wide ones are the method instance's, core/instance.py) ----------
     def regularization(self) -> torch.Tensor | None:
+        """This layer's loss term; the named adapter's :class:`~subpeft.core.instance.LayerInstance` adds
+        the layers' terms up (a method's own instance class may do otherwise)."""
         return None
 
     def step(self, global_step: int) -> None:
-        return None
-
-    @classmethod
-    def model_regularization(cls, adapters: list[Adapter]) -> torch.Tensor | None:
-        """The loss term of one named adapter over all its layers (methods may average instead)."""
-        terms = [t for t in (a.regularization() for a in adapters) if t is not None]
-        return torch.stack(terms).sum() if terms else None
-
-    @classmethod
-    def model_step(cls, adapters: list[Adapter], global_step: int) -> None:
-        """Called after each optimizer step with all layers of one named adapter (for global state)."""
-        for a in adapters:
-            a.step(global_step)
-
-    @classmethod
-    def model_finalize(cls, config: AdapterConfig, adapters: list[Adapter]) -> AdapterConfig | None:
-        """End of training (``tuned.finalize()``): e.g. Diff pruning keeps its top-k entries. Returns
-        the adapter's new config when its saved form changes (the default: nothing to do, None)."""
         return None

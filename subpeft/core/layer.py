@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .adapter import Adapter
 from .errors import UnsafeMergeError
 from .weights import WeightAccess, register_weight_access, warn_rounding, weight_access
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 
 class AdaptedLayer(nn.Module):
@@ -170,7 +173,8 @@ class AdaptedLayer(nn.Module):
 register_weight_access(AdaptedLayer, lambda module, name: weight_access(module.base_layer, name))
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``root`` at the dotted ``name`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -206,7 +210,7 @@ def densify_model(model: nn.Module) -> nn.Module:
             continue
         if not name:
             return dense
-        _set_submodule(model, name, dense)
+        set_submodule(model, name, dense)
     return model
 
 

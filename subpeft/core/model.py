@@ -3,6 +3,12 @@
 It forwards exactly like the base model (all arguments, HF ``generate``, attribute access) and
 adds the adapter life cycle: add / set / delete adapters, merge / unmerge / unload, disable,
 save / load, and the two training-time hooks ``regularization()`` and ``step(global_step)``.
+
+Each named adapter is a method instance (:class:`~subpeft.core.instance.MethodInstance`, kept in
+``instances``): the TunedModel has it inject and remove itself, asks it for its parameters, hooks,
+file state and call wrapper, and never asks what kind of method it is. What it does itself is common
+to every method: the ``modules_to_save`` copies, the active set, and merging, disabling and unwrapping
+the :class:`~subpeft.core.layer.AdaptedLayer` s that any instance may have put in.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from torch import nn
 from .adapter import Adapter
 from .config import AdapterConfig
 from .errors import AdapterLoadError, AdapterLoadWarning, AdapterNameError, ConfigError, SubpeftError
+from .instance import FILE_PREFIX, MethodInstance
 from .io import read_config, read_tensors, write_adapter
-from .layer import AdaptedLayer, TrainableCopy, densify_model
+from .layer import AdaptedLayer, TrainableCopy, densify_model, set_submodule
 from .registry import config_from_dict, method_for_config
-from .targets import candidate_type, find_modules_to_save, find_targets
+from .targets import find_modules_to_save
 from .weights import weight_access
 
-FILE_PREFIX = "base_model.model."
+__all__ = ["FILE_PREFIX", "TunedModel", "attach", "load", "parameter_counts"]
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -52,12 +59,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 class TunedModel(nn.Module):
     """A model with subpeft adapters. Create it with :func:`subpeft.attach` or :func:`subpeft.load`."""
 
@@ -73,11 +74,13 @@ class TunedModel(nn.Module):
                 f"tuned.load_adapter(directory, name)), or take tuned.unload() / tuned.merge_and_unload() first"
             )
         self.model = model
-        # state shared by all layers of one named adapter (Adapter.create_shared), saved once
+        # one method instance per named adapter (core/instance.py): all the TunedModel knows of a method
+        self.instances: dict[str, MethodInstance] = {}
+        # each instance's shared state (MethodInstance.shared), registered here so that it trains,
+        # moves and is saved with the model
         self.shared = nn.ModuleDict()
-        self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
-        self._prompts_disabled = False
+        self._call_wrappers_disabled = False
         self._grad_backup = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -98,15 +101,15 @@ class TunedModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        prompt = self._active_prompt()
-        if prompt is not None:
-            return prompt.run(self.model, args, kwargs)
+        wrapper = self._call_wrapper()
+        if wrapper is not None:
+            return wrapper.run(self.model, args, kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        prompt = self._active_prompt()
-        if prompt is not None:
-            return prompt.generate(self.model, args, kwargs)
+        wrapper = self._call_wrapper()
+        if wrapper is not None:
+            return wrapper.generate(self.model, args, kwargs)
         return self.model.generate(*args, **kwargs)
 
     # -- walking our own modules ---------------------------------------------------------------------
@@ -124,10 +127,15 @@ class TunedModel(nn.Module):
         """(layer name, adapter module) for every layer holding the named adapter."""
         return [(n, layer.adapters[adapter_name]) for n, layer in self.adapted_layers() if adapter_name in layer.adapters]
 
+    @property
+    def configs(self) -> dict[str, AdapterConfig]:
+        """Each named adapter's config (a new dict; the configs belong to the method instances)."""
+        return {name: instance.config for name, instance in self.instances.items()}
+
     def _check_name(self, name: str, *, exists: bool) -> None:
-        if exists and name not in self.configs:
-            raise AdapterNameError(f"no adapter named {name!r}; adapters: {sorted(self.configs)}")
-        if not exists and name in self.configs:
+        if exists and name not in self.instances:
+            raise AdapterNameError(f"no adapter named {name!r}; adapters: {sorted(self.instances)}")
+        if not exists and name in self.instances:
             raise AdapterNameError(f"an adapter named {name!r} already exists")
 
     @property
@@ -143,35 +151,13 @@ class TunedModel(nn.Module):
             raise AdapterNameError(f"adapter name must be an identifier without dots, got {adapter_name!r}")
         self._check_name(adapter_name, exists=False)
         info = method_for_config(config)
-        adapter_cls = info.adapter_cls
-        if info.kind == "prompt":
-            self._add_prompt(adapter_name, config, adapter_cls)
-            return
-        config = adapter_cls.prepare_config(config, self.model)
-        self.configs[adapter_name] = config
+        instance = info.instance_cls(info.adapter_cls, adapter_name, config, self.model)
+        self.instances[adapter_name] = instance
         try:
-            names = find_targets(
-                self.model, config.targets, config.exclude, method=info.name, supported=adapter_cls.layer_types,
-                accepts=lambda module, kind: adapter_cls.accepts(config, module, kind),
-            )
-            layers = []
-            for name in names:
-                module = self.model.get_submodule(name)
-                base = module.base_layer if isinstance(module, AdaptedLayer) else module
-                layers.append((name, base, candidate_type(module)))
-            _check_rank(adapter_cls, config, layers)
-            shared = adapter_cls.create_shared(config, layers)
-            if shared is not None:
-                self.shared[adapter_name] = shared
-            for name in names:
-                module = self.model.get_submodule(name)
-                if not isinstance(module, AdaptedLayer):
-                    module = AdaptedLayer(module, candidate_type(module))
-                    _set_submodule(self.model, name, module)
-                module.adapters[adapter_name] = adapter_cls(
-                    config, module.base_layer, module.layer_type, name=name, shared=shared
-                )
-            self._add_copies(adapter_name, config)
+            instance.inject()
+            if instance.shared is not None:
+                self.shared[adapter_name] = instance.shared
+            self._add_copies(adapter_name, instance.config)
         except BaseException:
             self._remove(adapter_name)
             raise
@@ -184,49 +170,34 @@ class TunedModel(nn.Module):
             module = self.model.get_submodule(name)
             if not isinstance(module, TrainableCopy):
                 module = TrainableCopy(module)
-                _set_submodule(self.model, name, module)
+                set_submodule(self.model, name, module)
             module.add(adapter_name)
 
-    def _add_prompt(self, adapter_name: str, config: AdapterConfig, prompt_cls: type) -> None:
-        """A prompt-kind method (prompt/prefix tuning, P-tuning) is one module for the whole model,
-        a :class:`~subpeft.core.prompt.PromptAdapter`, kept (and saved) as the adapter's shared state."""
-        config = prompt_cls.prepare_config(config, self.model)
-        self.configs[adapter_name] = config
-        try:
-            self.shared[adapter_name] = prompt_cls(config, self.model)
-            self._add_copies(adapter_name, config)
-        except BaseException:
-            self._remove(adapter_name)
-            raise
-        self._freeze(adapter_name)
-        self._apply_active()
-
-    def _is_prompt(self, adapter_name: str) -> bool:
-        return method_for_config(self.configs[adapter_name]).kind == "prompt"
-
-    def _active_prompt(self) -> Any:
-        """The active prompt-kind adapter (at most one may be active), or None."""
-        if self._prompts_disabled:
+    def _call_wrapper(self) -> Any:
+        """What routes the model call: the call wrapper of the active adapter that rewrites the call
+        (at most one may be active), or None."""
+        if self._call_wrappers_disabled:
             return None
-        found = [n for n in self.active_adapters if self._is_prompt(n)]
+        found = [n for n in self.active_adapters if self.instances[n].rewrites_call]
         if len(found) > 1:
-            raise SubpeftError(f"only one prompt-kind adapter can be active at a time; active: {found}")
-        if not found:
-            return None
-        clash = [n for n in self.active_adapters if getattr(method_for_config(self.configs[n]).adapter_cls, "rewrites_calls", False)]
-        if clash:
+            methods = sorted({type(self.instances[n].config).__name__ for n in found})
+            if len(methods) == 1:
+                raise SubpeftError(
+                    f"only one {methods[0]} adapter can be active at a time (each rewrites the model call, "
+                    f"bringing its own virtual tokens or prefix); active: {found}"
+                )
             raise SubpeftError(
-                f"the prompt-kind adapter {found[0]!r} cannot run together with {clash}, which brings its own "
-                f"prefix: activate one of them (tuned.set_adapter(...))"
+                f"the adapters {found} each rewrite the model call (virtual tokens, a prefix) and cannot run "
+                f"together: activate one of them (tuned.set_adapter(...))"
             )
-        return self.shared[found[0]]
+        return self.instances[found[0]].call_wrapper() if found else None
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active and trainable; every other adapter is frozen and inactive."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check_name(n, exists=True)
-        for n in self.configs:
+        for n in self.instances:
             if n not in names:
                 self._freeze(n)
         for n in names:
@@ -246,25 +217,19 @@ class TunedModel(nn.Module):
         self._apply_active()
 
     def _remove(self, adapter_name: str) -> None:
-        self.configs.pop(adapter_name, None)
+        instance = self.instances.pop(adapter_name, None)
         if adapter_name in self.shared:
             del self.shared[adapter_name]
-        for name, layer in list(self.adapted_layers()):
-            if adapter_name in layer.adapters:
-                del layer.adapters[adapter_name]
-            if len(layer.adapters) == 0:
-                _set_submodule(self.model, name, layer.base_layer)
+        if instance is not None:
+            instance.remove()
         for name, wrapper in list(self._trainable_copies()):
             if adapter_name in wrapper.copies:
                 del wrapper.copies[adapter_name]
             if len(wrapper.copies) == 0:
-                _set_submodule(self.model, name, wrapper.original)
+                set_submodule(self.model, name, wrapper.original)
 
     def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
-        for _, adapter in self.adapters_of(adapter_name):
-            yield from adapter.parameters()
-        if adapter_name in self.shared:
-            yield from self.shared[adapter_name].parameters()
+        yield from self.instances[adapter_name].parameters()
         for _, wrapper in self._trainable_copies():
             if adapter_name in wrapper.copies:
                 yield from wrapper.copies[adapter_name].parameters()
@@ -285,10 +250,7 @@ class TunedModel(nn.Module):
         """The loss term every active adapter asks for (MPC, AdaLoRA orthogonality, ...); 0 if none."""
         terms = []
         for name in self.active_adapters:
-            adapters = [a for _, a in self.adapters_of(name)]
-            term = type(adapters[0]).model_regularization(adapters) if adapters else None
-            if term is None and self._is_prompt(name):
-                term = self.shared[name].regularization()
+            term = self.instances[name].regularization()
             if term is not None:
                 terms.append(term)
         if terms:
@@ -299,11 +261,7 @@ class TunedModel(nn.Module):
     def step(self, global_step: int) -> None:
         """Call after every optimizer step: runs each active method's schedule (budgets, phases)."""
         for name in self.active_adapters:
-            adapters = [a for _, a in self.adapters_of(name)]
-            if adapters:
-                type(adapters[0]).model_step(adapters, int(global_step))
-            elif self._is_prompt(name):
-                self.shared[name].step(int(global_step))
+            self.instances[name].step(int(global_step))
 
     def finalize(self, adapter_name: str | None = None) -> None:
         """End of training: methods that change form after training do so now (Diff pruning keeps
@@ -313,14 +271,9 @@ class TunedModel(nn.Module):
             self._check_name(name, exists=True)
             if name in self.merged_adapters:
                 raise SubpeftError(f"adapter {name!r} is merged: call unmerge() before finalize()")
-            adapters = [a for _, a in self.adapters_of(name)]
-            new = None
-            if adapters:
-                new = type(adapters[0]).model_finalize(self.configs[name], adapters)
-            elif self._is_prompt(name):
-                new = self.shared[name].finalize()
+            new = self.instances[name].finalize()
             if new is not None:
-                self.configs[name] = new
+                self.instances[name].config = new
 
     def analyze(self, adapter_name: str | None = None, reference: Any = None, **kwargs: Any) -> Any:
         """Per-layer subspace analysis of an adapter (see :func:`subpeft.analysis.report`)."""
@@ -425,13 +378,15 @@ class TunedModel(nn.Module):
 
     def _unwrap(self, keep_copies: bool) -> nn.Module:
         for name, layer in list(self.adapted_layers()):
-            _set_submodule(self.model, name, layer.base_layer)
+            set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self._trainable_copies()):
-            _set_submodule(self.model, name, wrapper.current() if keep_copies else wrapper.original)
+            set_submodule(self.model, name, wrapper.current() if keep_copies else wrapper.original)
         self._restore_grad()
+        for instance in self.instances.values():
+            instance.remove()  # whatever else an instance put into the model (its layers are gone already)
         for n in list(self.shared):
             del self.shared[n]
-        self.configs.clear()
+        self.instances.clear()
         self.active_adapters = []
         return self.model
 
@@ -480,11 +435,11 @@ class TunedModel(nn.Module):
         wrappers = [w for _, w in self._trainable_copies()]
         for m in layers + wrappers:
             m.disabled = True
-        self._prompts_disabled = True
+        self._call_wrappers_disabled = True
         try:
             yield
         finally:
-            self._prompts_disabled = False
+            self._call_wrappers_disabled = False
             for m in layers + wrappers:
                 m.disabled = False
             for name, layer in self.adapted_layers():
@@ -495,20 +450,9 @@ class TunedModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The named adapter's tensors under their file keys (``base_model.model.<module>.<key>``)."""
         self._check_name(adapter_name, exists=True)
-        out: dict[str, torch.Tensor] = {}
-        for layer_name, adapter in self.adapters_of(adapter_name):
-            for key, value in adapter.state_dict().items():
-                out[f"{FILE_PREFIX}{layer_name}.{adapter.file_key(key)}"] = value
-        if adapter_name in self.shared:
-            config = self.configs[adapter_name]
-            adapter_cls = method_for_config(config).adapter_cls
-            shared = self.shared[adapter_name]
-            # a prompt adapter may save another form than it trains in (prefix tuning: the MLP folded)
-            state = shared.file_state() if hasattr(shared, "file_state") else shared.state_dict()
-            for key, value in state.items():
-                out[adapter_cls.shared_file_key(config, key)] = value
-        # PEFT keys prompt-learning copies by the bare model ("base_model.classifier.weight")
-        copy_prefix = "base_model." if self._is_prompt(adapter_name) else FILE_PREFIX
+        instance = self.instances[adapter_name]
+        out = instance.file_state()
+        copy_prefix = instance.copies_prefix
         for name, wrapper in self._trainable_copies():
             if adapter_name in wrapper.copies:
                 for key, value in wrapper.copies[adapter_name].state_dict().items():
@@ -518,14 +462,10 @@ class TunedModel(nn.Module):
     def _file_config(self, adapter_name: str) -> tuple[dict[str, Any], dict[str, str]]:
         from .. import __version__
 
-        config = self.configs[adapter_name]
-        shared = self.shared[adapter_name] if adapter_name in self.shared else None
-        if hasattr(shared, "file_config"):
-            config = shared.file_config()
+        instance = self.instances[adapter_name]
+        config = instance.file_config()
         meta = {"subpeft_method": config.method, "subpeft_version": __version__}
-        layer_types = {layer.layer_type for _, layer in self.adapted_layers() if adapter_name in layer.adapters}
-        compatible = all(a.peft_compatible() for _, a in self.adapters_of(adapter_name))
-        peft = config.to_peft_dict(layer_types) if compatible else None
+        peft = instance.peft_config()
         if peft is not None:
             base = getattr(getattr(self.model, "config", None), "_name_or_path", None)
             peft.setdefault("base_model_name_or_path", base or None)
@@ -535,11 +475,11 @@ class TunedModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | list[str] | None = None) -> None:
         """Write each adapter: "default" (or the only one) into the directory, others into
         ``save_directory/<name>``, as Hugging Face PEFT does."""
-        names = list(self.configs) if adapter_name is None else ([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        names = list(self.instances) if adapter_name is None else ([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
         if not names:
             raise AdapterNameError(
                 "no adapter to save: this model holds no adapter (the last one was deleted?); nothing was written"
-                if not self.configs else "no adapter to save: adapter_name is an empty list"
+                if not self.instances else "no adapter to save: adapter_name is an empty list"
             )
         root_name = "default" if "default" in names else (names[0] if len(names) == 1 else None)
         for n in names:
@@ -565,11 +505,7 @@ class TunedModel(nn.Module):
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         expected = self.adapter_state_dict(adapter_name)
-        optional = {
-            f"{FILE_PREFIX}{layer_name}.{adapter.file_key(key)}"
-            for layer_name, adapter in self.adapters_of(adapter_name)
-            for key in adapter.optional_keys()
-        }
+        optional = self.instances[adapter_name].optional_file_keys()
         missing = sorted(set(expected) - set(tensors) - optional)
         unexpected = sorted(set(tensors) - set(expected))
         bad_shape = [
@@ -632,34 +568,6 @@ def _dtype_kind(dtype: torch.dtype) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _check_rank(adapter_cls: type[Adapter], config: AdapterConfig, layers: list[tuple[str, nn.Module, str]]) -> None:
-    """Refuse a rank no targeted layer can use (before anything of that size is allocated); warn
-    for the layers that cannot use all of it."""
-    r = getattr(config, "r", None)
-    if not isinstance(r, int) or isinstance(r, bool):
-        return
-    usable = [(name, adapter_cls.usable_rank(config, base, kind)) for name, base, kind in layers]
-    usable = [(name, u) for name, u in usable if u is not None]
-    if not usable:
-        return
-    best_name, best = max(usable, key=lambda item: item[1])
-    what = type(config).__name__
-    if r > best:
-        raise ConfigError(
-            f"{what}.r = {r} is larger than any targeted layer can use: the largest usable rank is {best} "
-            f"(layer {best_name!r}); choose r <= {best}"
-        )
-    over = [(name, u) for name, u in usable if r > u]
-    if over:
-        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
-        shown = ", ".join(f"{name!r} ({u})" for name, u in over[:5])
-        warnings.warn(
-            f"{what}.r = {r} exceeds the usable rank of {len(over)} targeted layer(s), given in brackets: "
-            f"{shown}{more}; there the extra rank adds parameters, not expressiveness",
-            UserWarning, stacklevel=3,
-        )
 
 
 def _read_adapter(directory: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

@@ -71,6 +71,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import SubpeftError
+from .instance import MethodInstance, MethodTraits, PromptInstance
 
 IGNORE_INDEX = -100
 
@@ -160,15 +161,15 @@ def _is_sequence_level(model: nn.Module) -> bool:
     return type(model).__name__.endswith(("ForSequenceClassification", "ForMultipleChoice"))
 
 
-class PromptAdapter(nn.Module):
-    # set by each method, as for :class:`~subpeft.core.adapter.Adapter`
-    config_cls: ClassVar[type[AdapterConfig]]
+class PromptAdapter(MethodTraits, nn.Module):
+    """The module of one named prompt-kind adapter (one per model, not per layer); its named adapter
+    is a :class:`~subpeft.core.instance.PromptInstance`. Class attributes as in :class:`MethodTraits`."""
+
     family: ClassVar[str] = "reconstruction"
     kind: ClassVar[str] = "prompt"
     mergeable: ClassVar[bool] = False
-    formula: ClassVar[str] = ""
-    trains: ClassVar[str] = ""
     layer_types: ClassVar[tuple[str, ...]] = ()
+    instance_cls: ClassVar[type[MethodInstance]] = PromptInstance
 
     def __init__(self, config: AdapterConfig, model: nn.Module) -> None:
         super().__init__()
@@ -183,10 +184,6 @@ class PromptAdapter(nn.Module):
     def num_params(cls, config: AdapterConfig, model: nn.Module) -> int:
         """Trainable numbers of the adapter on this model (the METHODS.md formula)."""
         raise NotImplementedError
-
-    @classmethod
-    def shared_file_key(cls, config: AdapterConfig, key: str) -> str:
-        return "base_model.shared." + key
 
     # -- what a method provides ------------------------------------------------------------------
     @property

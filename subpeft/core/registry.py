@@ -28,6 +28,7 @@ class MethodInfo:
     formula: str  # per-layer trainable-parameter formula, for docs and `subpeft methods`
     layer_types: tuple[str, ...]
     trains: str = ""  # what trains, in a few words
+    instance_cls: type | None = None  # the MethodInstance subclass for one named adapter of it
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ def register(adapter_cls: type[Adapter]) -> type[Adapter]:
         formula=adapter_cls.formula,
         layer_types=tuple(adapter_cls.layer_types),
         trains=adapter_cls.trains,
+        instance_cls=adapter_cls.instance_cls,
     )
     if config_cls.peft_type:
         names = _PEFT_TYPES.setdefault(config_cls.peft_type, [])
@@ -151,3 +153,15 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
             f"(candidates: {', '.join(sorted(_PEFT_TYPES[peft_type]))})"
         )
     raise ConfigError("a config dict needs a 'method' key naming a registered method (see sp.list_methods())")
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (methods defined for a while only, e.g. in a test); the built-in
+    methods stay registered."""
+    info = _REGISTRY.pop(name, None)
+    if info is not None and info.config_cls.peft_type:
+        names = _PEFT_TYPES.get(info.config_cls.peft_type, [])
+        if name in names:
+            names.remove(name)
+        if not names:
+            _PEFT_TYPES.pop(info.config_cls.peft_type, None)

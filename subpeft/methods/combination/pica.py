@@ -23,6 +23,7 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
+from ...core.instance import LayerInstance
 from ...core.layers import dims, factory, from_2d, weight_2d
 from ...core.registry import register
 from ...core.svd import svd
@@ -78,17 +79,11 @@ def _roles(config: PiCa, layers: Layers) -> dict[str, tuple[int, int]]:
     return out
 
 
-@register
-class PiCaAdapter(Adapter):
-    config_cls = PiCa
-    family = "combination"
-    additive = True
-    formula = "r·d_out per role (per layer with share=False)"
-    trains = "output maps M on the top-r input singular subspace"
-    layer_types = ("linear", "conv1d")
+class PiCaInstance(LayerInstance):
+    """One named PiCa adapter: with ``share=True`` one M per role, shared by the layers of that role."""
 
-    @classmethod
-    def create_shared(cls, config: PiCa, layers: Layers) -> nn.Module | None:
+    def create_shared(self, layers: Layers) -> nn.Module | None:
+        config = self.config
         if not config.share:
             return None
         shared = nn.Module()
@@ -97,6 +92,17 @@ class PiCaAdapter(Adapter):
             module = next(m for n, m, _ in layers if role_of(n, config.targets) == role)
             shared.M[role_key(role)] = nn.Parameter(torch.zeros(d_out, r, **factory(module)))
         return shared
+
+
+@register
+class PiCaAdapter(Adapter):
+    instance_cls = PiCaInstance
+    config_cls = PiCa
+    family = "combination"
+    additive = True
+    formula = "r·d_out per role (per layer with share=False)"
+    trains = "output maps M on the top-r input singular subspace"
+    layer_types = ("linear", "conv1d")
 
     def __init__(self, config: PiCa, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         super().__init__(config, base_layer, layer_type, **kwargs)

@@ -51,6 +51,7 @@ from torch import nn
 
 from ...core.config import peft_int, peft_number
 from ...core.errors import ConfigError
+from ...core.instance import LayerInstance
 from ...core.layers import dims
 from ...core.registry import register
 from .lora import _PEFT_KNOWN, LowRank, LowRankAdapter
@@ -191,8 +192,58 @@ _PEFT_ADALORA_KNOWN = _PEFT_KNOWN | {
 }
 
 
+class AdaLoRAInstance(LayerInstance):
+    """One named AdaLoRA adapter: the orthogonality loss and the rank allocator see all its layers."""
+
+    def regularization(self) -> torch.Tensor | None:
+        adapters = self.adapters()
+        if not adapters:
+            return None
+        config, first = adapters[0].config, adapters[0]
+        if first.training and torch.is_grad_enabled() and config.rank_pattern is None:
+            _check_step_is_called(first)
+        terms = [t for t in (a.regularization() for a in adapters) if t is not None]  # MPC, if configured
+        if config.orth_reg > 0:
+            dev = first.lora_A.device
+            terms.append(config.orth_reg * torch.stack([a.orthogonality().to(dev) for a in adapters]).mean())
+        return torch.stack(terms).sum() if terms else None
+
+    @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        adapters = self.adapters()
+        if not adapters:
+            return
+        config, first = adapters[0].config, adapters[0]
+        first._stepped = True
+        if config.rank_pattern is not None:
+            if global_step < config.total_steps - config.final_warmup and not getattr(first, "_warned_pattern", False):
+                first._warned_pattern = True
+                warnings.warn("AdaLoRA: this adapter was loaded with a PEFT rank_pattern (ranks already allocated); "
+                              "its rank allocation does not resume", UserWarning, stacklevel=3)
+            return
+        if not any(a.lora_E.requires_grad for a in adapters):
+            return  # a frozen adapter does not train: nothing to allocate
+        if not bool(first.rank_final):
+            budget, mask = config.budget(len(adapters), global_step)
+            if global_step < config.total_steps - config.final_warmup:
+                if not any([a._update_importance() for a in adapters]):
+                    raise RuntimeError(
+                        "AdaLoRA's rank allocator reads the gradients, but no adapter tensor has one: call "
+                        "tuned.step(global_step) after optimizer.step() and before optimizer.zero_grad()"
+                    )
+            else:
+                for a in adapters:
+                    a.rank_final.fill_(True)
+            if mask:
+                AdaLoRAAdapter._mask_to_budget(adapters, budget)
+        if bool(first.rank_final):
+            for a in adapters:
+                a.lora_E.masked_fill_(~a.rank_mask.unsqueeze(1), 0.0)
+
+
 @register
 class AdaLoRAAdapter(LowRankAdapter):
+    instance_cls = AdaLoRAInstance
     config_cls = AdaLoRA
     family = "extension"
     formula = "r·(d_in + d_out) + r"
@@ -261,17 +312,6 @@ class AdaLoRAAdapter(LowRankAdapter):
         eye = torch.eye(Q.shape[0], device=Q.device, dtype=Q.dtype)
         return torch.linalg.matrix_norm(Q @ Q.t() - eye) + torch.linalg.matrix_norm(P.t() @ P - eye)
 
-    @classmethod
-    def model_regularization(cls, adapters: list[AdaLoRAAdapter]) -> torch.Tensor | None:
-        config, first = adapters[0].config, adapters[0]
-        if first.training and torch.is_grad_enabled() and config.rank_pattern is None:
-            _check_step_is_called(first)
-        terms = [t for t in (a.regularization() for a in adapters) if t is not None]  # MPC, if configured
-        if config.orth_reg > 0:
-            dev = first.lora_A.device
-            terms.append(config.orth_reg * torch.stack([a.orthogonality().to(dev) for a in adapters]).mean())
-        return torch.stack(terms).sum() if terms else None
-
     # -- rank allocator ---------------------------------------------------------------------------
     @torch.no_grad()
     def _update_importance(self) -> bool:
@@ -291,36 +331,6 @@ class AdaLoRAAdapter(LowRankAdapter):
         s_a = (self.ipt_A * self.unc_A).reshape(r, -1).mean(1)
         s_b = (self.ipt_B * self.unc_B).reshape(self.lora_B.shape[0], r).mean(0)
         return (self.ipt_E * self.unc_E).view(-1) + (s_a + s_b)
-
-    @classmethod
-    @torch.no_grad()
-    def model_step(cls, adapters: list[AdaLoRAAdapter], global_step: int) -> None:
-        config, first = adapters[0].config, adapters[0]
-        first._stepped = True
-        if config.rank_pattern is not None:
-            if global_step < config.total_steps - config.final_warmup and not getattr(first, "_warned_pattern", False):
-                first._warned_pattern = True
-                warnings.warn("AdaLoRA: this adapter was loaded with a PEFT rank_pattern (ranks already allocated); "
-                              "its rank allocation does not resume", UserWarning, stacklevel=3)
-            return
-        if not any(a.lora_E.requires_grad for a in adapters):
-            return  # a frozen adapter does not train: nothing to allocate
-        if not bool(first.rank_final):
-            budget, mask = config.budget(len(adapters), global_step)
-            if global_step < config.total_steps - config.final_warmup:
-                if not any([a._update_importance() for a in adapters]):
-                    raise RuntimeError(
-                        "AdaLoRA's rank allocator reads the gradients, but no adapter tensor has one: call "
-                        "tuned.step(global_step) after optimizer.step() and before optimizer.zero_grad()"
-                    )
-            else:
-                for a in adapters:
-                    a.rank_final.fill_(True)
-            if mask:
-                cls._mask_to_budget(adapters, budget)
-        if bool(first.rank_final):
-            for a in adapters:
-                a.lora_E.masked_fill_(~a.rank_mask.unsqueeze(1), 0.0)
 
     @staticmethod
     def _mask_to_budget(adapters: list[AdaLoRAAdapter], budget: int) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig, peft_int, peft_number
 from ...core.errors import ConfigError
+from ...core.instance import LayerInstance
 from ...core.layers import dims, factory, from_2d
 from ...core.registry import register
 
@@ -117,8 +118,20 @@ class VeRAShared(nn.Module):
         self.register_buffer("vera_B", kaiming_uniform((d_out, config.r), gen).to(**kw), persistent=keep)
 
 
+class VeRAInstance(LayerInstance):
+    """One named VeRA adapter: the random projections A, B, shared by all its layers, sized for the largest."""
+
+    def create_shared(self, layers: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
+        if not layers:
+            return None
+        shapes = [dims(layer, kind) for _, layer, kind in layers]
+        d_out, d_in = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        return VeRAShared(self.config, d_out, d_in, factory(layers[0][1]))
+
+
 @register
 class VeRAAdapter(Adapter):
+    instance_cls = VeRAInstance
     """Per layer: ``vera_lambda_b`` (d_out) and ``vera_lambda_d`` (r); A and B from ``self.shared``."""
 
     config_cls = VeRA
@@ -139,14 +152,6 @@ class VeRAAdapter(Adapter):
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.d_out, **kw))
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_init), **kw))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-
-    @classmethod
-    def create_shared(cls, config: VeRA, layers: list[tuple[str, nn.Module, str]]) -> nn.Module | None:
-        if not layers:
-            return None
-        shapes = [dims(layer, kind) for _, layer, kind in layers]
-        d_out, d_in = max(s[0] for s in shapes), max(s[1] for s in shapes)
-        return VeRAShared(config, d_out, d_in, factory(layers[0][1]))
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self.shared

@@ -21,7 +21,7 @@ METHODS.md, so a row's output does not depend on its padding. At attach LoRA (B 
 
 How it fits :class:`~subpeft.core.model.TunedModel`: the three parts' per-layer tensors (LoRA, the
 gates, the adapter) are ordinary layer adapters on the query, value and FFN-output projections; the
-prefix table is the adapter's shared state (``create_shared``, saved once as
+prefix table is the adapter's shared state (``UniPELTInstance.create_shared``, saved once as
 ``base_model.shared.prefix.prompt_embeddings``). The prefix enters the model call through a forward
 pre-hook on the base model, installed once per model by ``prepare_config``; it acts only while a
 UniPELT adapter is running (active, not disabled) in some layer and removes itself once none is left.
@@ -41,6 +41,7 @@ from ...core.adapter import Adapter
 from ...core.arch import describe
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError, SubpeftError
+from ...core.instance import LayerInstance
 from ...core.layers import dims, factory
 from ...core.prompt import bind_call, cache_length, passed_cache, rewrite_call
 from ...core.registry import register
@@ -127,13 +128,37 @@ class UniPELTShared(nn.Module):
         return state
 
 
+class UniPELTInstance(LayerInstance):
+    """One named UniPELT adapter: its layers' parts plus the shared prefix, which enters the model
+    call (so no other adapter that rewrites the call may run with it) and is saved folded."""
+
+    rewrites_call = True
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return self.shared.file_state()
+
+    def file_config(self) -> UniPELT:
+        return self.shared.file_config()
+
+    def create_shared(self, layers: list[tuple[str, nn.Module, str]]) -> nn.Module:
+        return UniPELTShared(self.config, **factory(layers[0][1]))
+
+    def finalize(self) -> UniPELT | None:
+        """Fold the prefix MLP into its table (the kept form)."""
+        if self.config.folded:
+            return None
+        self.shared.prefix.fold()
+        self.shared.config = self.config.replace(folded=True)
+        return self.shared.config
+
+
 @register
 class UniPELTAdapter(Adapter):
     config_cls = UniPELT
     family = "framework"
     kind = "module"
     mergeable = False
-    rewrites_calls = True
+    instance_cls = UniPELTInstance
     layer_types = ("linear", "conv1d")
     formula = "q, v: r·(d_in + d_out) + d_in + 1 (+ d_in + 1 on q); FFN out: 2·d·m + d + m + d + 1; + the prefix"
     trains = "gated LoRA (q, v), gated prefix, gated bottleneck"
@@ -199,20 +224,6 @@ class UniPELTAdapter(Adapter):
         targets = list(config.query_targets) + list(config.value_targets or []) + list(config.adapter_targets or [])
         _install_routing(model)
         return config.replace(targets=targets, **found)
-
-    @classmethod
-    def create_shared(cls, config: UniPELT, layers: list[tuple[str, nn.Module, str]]) -> nn.Module:
-        return UniPELTShared(config, **factory(layers[0][1]))
-
-    @classmethod
-    def model_finalize(cls, config: UniPELT, adapters: list[Adapter]) -> UniPELT | None:
-        """Fold the prefix MLP into its table (the kept form)."""
-        if config.folded:
-            return None
-        shared = adapters[0].shared
-        shared.prefix.fold()
-        shared.config = config.replace(folded=True)
-        return shared.config
 
     @classmethod
     def num_params(cls, config: UniPELT, base_layer: nn.Module, layer_type: str) -> int:

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.adapter import Adapter
 from ...core.errors import ConfigError
+from ...core.instance import LayerInstance
 from ...core.registry import register
 from .bottleneck import Bottleneck, BottleneckAdapter, init_down
 
@@ -65,8 +65,22 @@ class AdaMix(Bottleneck):
             raise ConfigError(f"AdaMix.averaged must be True or False, got {self.averaged!r}")
 
 
+class AdaMixInstance(LayerInstance):
+    """One named AdaMix adapter: at the end of training every layer averages its experts into one."""
+
+    def finalize(self) -> AdaMix | None:
+        config = self.config
+        if config.averaged:
+            return None
+        new = config.replace(averaged=True)
+        for adapter in self.adapters():
+            adapter.average(new)
+        return new
+
+
 @register
 class AdaMixAdapter(BottleneckAdapter):
+    instance_cls = AdaMixInstance
     config_cls = AdaMix
     formula = "E·(2·d·m + d + m) (2·d·m + d + m once averaged)"
     trains = "E expert bottlenecks per place"
@@ -130,15 +144,6 @@ class AdaMixAdapter(BottleneckAdapter):
             setattr(self, name, nn.Parameter(value.clone(), requires_grad=requires_grad))
         self.config = config
         self._consistency = None
-
-    @classmethod
-    def model_finalize(cls, config: AdaMix, adapters: list[Adapter]) -> AdaMix | None:
-        if config.averaged:
-            return None
-        new = config.replace(averaged=True)
-        for adapter in adapters:
-            adapter.average(new)
-        return new
 
     @classmethod
     def num_params(cls, config: AdaMix, base_layer: nn.Module, layer_type: str) -> int:

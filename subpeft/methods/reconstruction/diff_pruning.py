@@ -32,6 +32,7 @@ from torch import nn
 from ...core.adapter import Adapter
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError, UnsupportedLayerError
+from ...core.instance import LayerInstance
 from ...core.layers import factory, weight_shape
 from ...core.registry import register
 
@@ -89,8 +90,22 @@ class DiffPruning(AdapterConfig):
             raise ConfigError(f"{name}.sparse must be True or False, got {self.sparse!r}")
 
 
+class DiffPruningInstance(LayerInstance):
+    """One named Diff-pruning adapter: at the end of training every layer keeps its top-k entries, sparse."""
+
+    def finalize(self) -> DiffPruning | None:
+        config = self.config
+        if config.sparse:
+            return None
+        new = config.replace(sparse=True)
+        for adapter in self.adapters():
+            adapter.sparsify(new)
+        return new
+
+
 @register
 class DiffPruningAdapter(Adapter):
+    instance_cls = DiffPruningInstance
     config_cls = DiffPruning
     family = "reconstruction"
     additive = True
@@ -176,15 +191,6 @@ class DiffPruningAdapter(Adapter):
         self.values = nn.Parameter(delta[indices].clone(), requires_grad=requires_grad)
         self.register_buffer("indices", indices)
         self.config = config
-
-    @classmethod
-    def model_finalize(cls, config: DiffPruning, adapters: list[Adapter]) -> DiffPruning | None:
-        if config.sparse:
-            return None
-        new = config.replace(sparse=True)
-        for adapter in adapters:
-            adapter.sparsify(new)
-        return new
 
     @classmethod
     def num_params(cls, config: DiffPruning, base_layer: nn.Module, layer_type: str) -> int:
