@@ -111,7 +111,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "load_quantized":  # loads models by name: the experiment side's, imported on first use
-        from .train.models import load_quantized
+        from .app.models import load_quantized
 
         return load_quantized
     # config classes of methods registered elsewhere (plug-ins), by class name: sp.<ConfigName>

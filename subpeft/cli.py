@@ -26,7 +26,7 @@ import argparse
 import math
 import sys
 
-from .train.run import UsageError
+from .app.run import UsageError
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -87,10 +87,10 @@ def _base_model(spec: str, directory: str):
     adapter's saved head has."""
     from pathlib import Path
 
-    from .train.models import ModelNameError, load_model, model_source
+    from .app.models import ModelNameError, load_model, model_source
 
     if spec == "auto":
-        from .train.run import find_run_json, load_run_base
+        from .app.run import find_run_json, load_run_base
 
         if find_run_json(Path(directory)) is not None:
             return load_run_base(directory)[2]
@@ -172,7 +172,7 @@ def _analyze(args: argparse.Namespace) -> int:
     import subpeft as sp
     from subpeft import analysis
 
-    from .train.files import write_atomic
+    from .training.files import write_atomic
 
     for d in args.dirs:
         if not os.path.exists(os.path.join(d, "adapter_config.json")):
@@ -275,10 +275,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .app.data import DataFileError, MissingPackageError
     from .core.errors import SubpeftError, UnsupportedLayerError
-    from .train.data import DataFileError, MissingPackageError
-    from .train.files import UnreadableFileError
-    from .train.trainer import ResumeError
+    from .training.files import UnreadableFileError
+    from .training.loop import ResumeError
 
     # AnalysisError and ConfigError are SubpeftErrors; path errors of the user's files and folders too
     return (UsageError, SubpeftError, UnsupportedLayerError, DataFileError, MissingPackageError, ResumeError,
@@ -289,7 +289,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 def _guarded(handler, args: argparse.Namespace) -> int:
     """Run a command: bad input ends with one 'error:' line and exit status 2, a failed run with one line
     and status 1, Ctrl-C with one line and status 130 (see EXIT_STATUS)."""
-    from .train.compare import RunFailed
+    from .app.compare import RunFailed
 
     name = f"subpeft {args.command}"
     try:
@@ -421,7 +421,7 @@ def _parse_sets(items: list[str], what: str = "--set") -> dict:
 def _spec_keys() -> set[str]:
     import dataclasses
 
-    from .train.run import RunSpec
+    from .app.run import RunSpec
 
     return {f.name for f in dataclasses.fields(RunSpec)}
 
@@ -431,8 +431,8 @@ def _train_spec(args: argparse.Namespace):
     The spec is checked here (RunSpec.check), so that a bad value from a file names that file."""
     from pathlib import Path
 
-    from .train.files import read_json
-    from .train.run import RunSpec
+    from .app.run import RunSpec, stored_spec
+    from .training.files import read_json
 
     given = {k: v for k, v in vars(args).items() if k in _spec_keys() and k != "options"}
     options: dict = {}
@@ -464,15 +464,7 @@ def _train_spec(args: argparse.Namespace):
         out = str(Path("runs") / f"{merged.get('method', 'lora')}-{label}")
     args.out = out
     if args.resume:
-        run_json = Path(out) / "run.json"
-        if not run_json.is_file():
-            raise UsageError(f"--resume: no run in {out} (no run.json); start it without --resume")
-        stored = read_json(run_json, "--resume")
-        conflicts = [f"{k}: run {stored.get(k)!r}, now {v!r}" for k, v in given.items()
-                     if k not in RunSpec.RESUME_FREE and stored.get(k) != v]
-        if conflicts:
-            raise UsageError(f"--resume with other settings than the run in {out}: {'; '.join(conflicts)}")
-        base, source = stored, f"--resume: {run_json}"
+        base, source = stored_spec(out, given), f"--resume: {Path(out) / 'run.json'}"
     try:
         spec = RunSpec.from_dict({**base, **given})
     except UsageError as exc:
@@ -496,8 +488,8 @@ def _threads(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .train.run import train_run
-    from .train.trainer import TrainingInterrupted, find_checkpoint
+    from .app.run import train_run
+    from .training.loop import TrainingInterrupted, find_checkpoint
 
     _threads(args)
     spec, out = _train_spec(args)
@@ -530,8 +522,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .train.files import write_json
-    from .train.run import eval_run
+    from .app.run import eval_run
+    from .training.files import write_json
 
     _threads(args)
     overrides = {k: v for k, v in vars(args).items() if k in _spec_keys()}
@@ -550,7 +542,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .train.compare import run_compare, weight_methods
+    from .app.compare import run_compare, weight_methods
+    from .training.loop import setting_problem
 
     _threads(args)
     common = {k: v for k, v in vars(args).items() if k in _spec_keys() and k not in ("method", "options", "seed", "lr")}
@@ -570,8 +563,9 @@ def _compare(args: argparse.Namespace) -> int:
             lr[key if sep else "*"] = float(value)
         except ValueError:
             raise UsageError(f"--lr takes a number or NAME=number (NAME a method or family), got {item!r}") from None
-        if not math.isfinite(lr[key if sep else "*"]) or not lr[key if sep else "*"] > 0:
-            raise UsageError(f"--lr must be a finite number > 0 (e.g. 2e-3 or lora=2e-3), got {item!r}")
+        problem = setting_problem("lr", lr[key if sep else "*"])
+        if problem:
+            raise UsageError(f"--lr {problem} (e.g. 2e-3 or lora=2e-3), got {item!r}")
     options: dict[str, dict] = {}
     for key, value in _parse_sets(args.set or []).items():
         method, dot, option = key.partition(".")
@@ -587,7 +581,7 @@ def _compare(args: argparse.Namespace) -> int:
     results = run_compare(methods, common, out, seeds=seeds, lr=lr, options=options, in_process=args.in_process,
                           resume=args.resume, overwrite=args.overwrite, threads=args.threads, command=command,
                           echo=(lambda s: None) if args.quiet else print)
-    from .train.compare import markdown
+    from .app.compare import markdown
 
     print(markdown(results))
     print(f"wrote {out}/results.md, results.json, results.png ({results['wall_seconds']:.0f} s)")

@@ -52,14 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo described by ``args`` (see ``--help``); return the measured numbers."""
     import subpeft as sp
-    from subpeft.train import (
-        MINILM_LINEAR_NAMES,
-        evaluate_accuracy,
-        load_minilm_classifier,
-        load_tweets,
-        predict_logits,
-        train_classifier,
-    )
+    from subpeft.app.data import load_tweets
+    from subpeft.app.models import MINILM_LINEAR_NAMES, load_minilm_classifier
+    from subpeft.training import evaluate_accuracy, predict_logits, train_classifier
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +147,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     say(f"adapter       saved to {out.resolve()} (reloaded: max |logit diff| {diff:.1e})")
     say(f"total time    {seconds:.0f} s")
     if args.json:
-        from subpeft.train.files import write_atomic
+        from subpeft.training.files import write_atomic
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(numbers, indent=2) + "\n")

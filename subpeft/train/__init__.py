@@ -1,21 +1,23 @@
-"""Training utilities: real tasks and models (offline), training loops, the command line's runs.
+"""The names ``subpeft.train`` has always offered, kept importable: the package was split in two.
+
+* :mod:`subpeft.training`: the library's training support: the training hooks called in one place
+  (:mod:`~subpeft.training.hooks`), the one training loop that calls them (:mod:`~subpeft.training.loop`:
+  :class:`Trainer`, :func:`train_classifier`), batching and evaluation (:mod:`~subpeft.training.batches`),
+  the Hugging Face ``Trainer`` integration (:mod:`~subpeft.training.hf`, public as :mod:`subpeft.integrations`).
+* :mod:`subpeft.app`: the experiment application: tasks and data, models by name, workloads, run specs and
+  runs (``subpeft train`` / ``eval``), ``subpeft compare``.
 
     from subpeft.train import load_tweets, load_minilm_classifier, train_classifier
 
-* :mod:`subpeft.train.data`: tasks (``tweets``, ``chat``, the user's CSV/JSONL) as fixed, seeded,
-  stratified splits.
-* :mod:`subpeft.train.models`: real models from local packages (``minilm``, ``smollm2``) or folders.
-* :mod:`subpeft.train.loop`: batching, evaluation and a small training loop that calls the
-  library's ``regularization()`` / ``step(global_step)`` hooks.
-* :mod:`subpeft.train.workloads`: batches and metrics per kind of task (classification, generation).
-* :mod:`subpeft.train.trainer`: the resumable loop of ``subpeft train`` (accumulation, clipping,
-  eval every N steps with the best kept, checkpoints that resume bit for bit, Ctrl-C).
-* :mod:`subpeft.train.run` / :mod:`subpeft.train.compare`: ``subpeft train`` / ``eval`` / ``compare``.
-
-The Hugging Face ``Trainer`` integration is :mod:`subpeft.integrations`.
+The old submodules are the new ones under their old names (``subpeft.train.run`` *is*
+``subpeft.app.run``, ``subpeft.train.trainer`` and ``subpeft.train.loop`` are ``subpeft.training.loop``), so
+that imports and patches of them keep working.
 """
 
-from .data import (
+import sys as _sys
+
+from ..app import compare, data, models, run, workloads
+from ..app.data import (
     TASKS,
     DataFileError,
     MissingPackageError,
@@ -28,17 +30,26 @@ from .data import (
     load_task,
     load_tweets,
 )
-from .loop import (
+from ..app.models import MINILM_LINEAR_NAMES, load_folder, load_minilm_classifier, load_smollm2, minilm_path
+from ..app.run import BASELINES, DEFAULT_LR, RunSpec, eval_run, train_run
+from ..app.workloads import Classification, Generation, make_workload
+from ..training import files
+from ..training import loop as trainer
+from ..training.batches import evaluate_accuracy, iter_batches, predict_logits
+from ..training.loop import (
+    ResumeError,
+    TrainArgs,
+    Trainer,
+    TrainingInterrupted,
     TrainResult,
-    evaluate_accuracy,
-    iter_batches,
-    predict_logits,
+    TrainState,
     train_classifier,
 )
-from .models import MINILM_LINEAR_NAMES, load_folder, load_minilm_classifier, load_smollm2, minilm_path
-from .run import BASELINES, DEFAULT_LR, RunSpec, eval_run, train_run
-from .trainer import ResumeError, TrainArgs, Trainer, TrainingInterrupted, TrainState
-from .workloads import Classification, Generation, make_workload
+
+loop = trainer
+for _name, _module in {"compare": compare, "data": data, "models": models, "run": run, "workloads": workloads,
+                       "files": files, "trainer": trainer, "loop": loop}.items():
+    _sys.modules[f"{__name__}.{_name}"] = _module
 
 __all__ = [
     "BASELINES",

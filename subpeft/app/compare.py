@@ -71,7 +71,7 @@ class RunFailed(RuntimeError):
 def _run_subprocess(spec: RunSpec, run_dir: Path, threads: int | None, quiet: bool) -> dict[str, Any]:
     import tempfile
 
-    from .files import write_json
+    from ..training.files import write_json
 
     fd, spec_file = tempfile.mkstemp(prefix="subpeft-spec-", suffix=".json")
     os.close(fd)
@@ -112,7 +112,7 @@ def run_compare(
     Every run's settings are checked before the first run starts. A non-empty ``out`` needs ``resume``
     (runs that wrote metrics.json are kept) or ``overwrite`` (the runs and results are replaced; other
     files stay). If no run finishes, the folders this call created are removed."""
-    from .files import first_missing, remove_created
+    from ..training.files import first_missing, remove_created
 
     lr, options = dict(lr or {}), dict(options or {})
     if not seeds:
@@ -282,7 +282,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     fig.tight_layout()
     import io
 
-    from .files import write_atomic
+    from ..training.files import write_atomic
 
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=120, format="png")
@@ -292,7 +292,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
 
 def write_outputs(results: dict[str, Any], out: str | os.PathLike) -> list[Path]:
     """results.json, results.md and results.png in ``out``, each replaced atomically."""
-    from .files import write_atomic, write_json
+    from ..training.files import write_atomic, write_json
 
     out = Path(out)
     files = [out / "results.json", out / "results.md"]

@@ -1,12 +1,14 @@
-"""The library's resumable training loop (used by ``subpeft train``).
+"""The library's training loop: the one loop that calls the training hooks (:mod:`subpeft.training.hooks`).
+
+``subpeft train`` runs it, and so does :func:`train_classifier` (labelled texts, the demo and the real tier).
 
 :class:`Trainer` runs AdamW with a linear warm-up/decay schedule, gradient accumulation and
-clipping on any :class:`~subpeft.train.workloads.Workload`, and calls the library's two training
-hooks: ``tuned.regularization()`` is added to every micro-batch's loss (divided by the
-accumulation steps, like the task loss) and ``tuned.step(global_step)`` runs after every optimizer
-step, before the gradients are cleared (AdaLoRA reads them). It can evaluate on the dev split every
-N steps and keep the best adapter, and it writes a checkpoint every N steps, at the end, and when
-interrupted (Ctrl-C: the current optimizer step finishes, the checkpoint is written, then
+clipping on any :class:`Workload`, and calls the library's training hooks: ``tuned.regularization()``
+is added to every micro-batch's loss (divided by the accumulation steps, like the task loss),
+``tuned.step(global_step)`` runs after every optimizer step, before the gradients are cleared
+(AdaLoRA reads them), and ``tuned.finalize()`` once training has ended (``TrainArgs.finalize``).
+It can evaluate on the dev split every N steps and keep the best adapter, and it writes a checkpoint
+every N steps, at the end, and when interrupted (Ctrl-C: the current optimizer step finishes, the checkpoint is written, then
 :class:`TrainingInterrupted` is raised; a second Ctrl-C stops at once).
 
 A checkpoint (``<out>/checkpoints/last``) holds everything a run depends on: the adapter (every
@@ -28,7 +30,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,24 +38,65 @@ from typing import Any
 import torch
 from torch import nn
 
-from .loop import _device_of, _to, linear_warmup_decay
-from .workloads import Workload
+from .batches import (  # noqa: F401 - iter_batches, predict_logits, evaluate_accuracy: also reachable here
+    DEFAULT_MAX_LENGTH,
+    _collate,
+    _device_of,
+    _to,
+    encode,
+    evaluate_accuracy,
+    iter_batches,
+    linear_warmup_decay,
+    predict_logits,
+)
+from .hooks import TrainingHooks
 
 __all__ = [
+    "FLOAT_SETTINGS",
+    "INT_SETTINGS",
     "ResumeError",
     "TrainArgs",
+    "TrainResult",
+    "TrainSettings",
     "TrainState",
     "Trainer",
     "TrainingInterrupted",
+    "Workload",
     "find_checkpoint",
     "load_model_state",
     "model_tensors",
     "read_state",
     "save_model_state",
+    "setting_problem",
+    "settings_diff",
+    "train_classifier",
 ]
 
 TRAINABLE_NAME = "trainable.safetensors"
 STATE_NAME = "trainer_state.json"
+
+
+class Workload:
+    """What the loop trains on (the experiment app's workloads, :mod:`subpeft.app.workloads`, implement it): ``metric`` (the primary score) and whether greater is better."""
+
+    kind: str = ""
+    metric: str = ""
+    greater_is_better: bool = True
+    #: the training split's size in examples
+    num_train: int = 0
+
+    def train_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str, *, batch_size: int = 64, full: bool = True) -> dict[str, Any]:
+        """Scores of ``model`` on ``split``; ``full=False`` may skip costly extras (greedy decoding)."""
+        raise NotImplementedError
+
+    def better(self, a: float, b: float | None) -> bool:
+        """Whether score ``a`` beats ``b`` (None: anything does)."""
+        if b is None:
+            return True
+        return a > b if self.greater_is_better else a < b
 
 
 class TrainingInterrupted(Exception):
@@ -69,13 +112,56 @@ class ResumeError(ValueError):
     """A checkpoint that cannot be resumed with these settings."""
 
 
-@dataclass
-class TrainArgs:
-    """Settings of one run. ``total_steps`` counts optimizer steps; each takes ``grad_accum``
-    micro-batches of ``batch_size`` examples."""
+# --------------------------------------------------------------------------- the run's settings
 
-    total_steps: int
+#: The training settings' rules, declared once: TrainArgs checks its fields with them, and so does the
+#: experiment app's run spec (:meth:`subpeft.app.run.RunSpec.check`), which words the message for its user.
+#: Integers: name -> (lowest, highest or None).
+INT_SETTINGS: dict[str, tuple[int, int | None]] = {
+    "total_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "eval_batch_size": (1, None),
+    "eval_every": (0, None), "save_every": (0, None), "seed": (0, 2**32 - 1),
+}
+#: Finite numbers: name -> rule (a key of FLOAT_RULES).
+FLOAT_SETTINGS: dict[str, str] = {
+    "lr": "> 0", "head_lr": "> 0", "weight_decay": ">= 0", "warmup_ratio": "in [0, 1]", "max_grad_norm": "> 0",
+}
+FLOAT_RULES: dict[str, Callable[[float], bool]] = {
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def setting_problem(name: str, value: Any, *, low: int | None = None, high: int | None = None,
+                    rule: str | None = None) -> str | None:
+    """What is wrong with ``value`` for the setting ``name`` ("must be ..."), or None when it is right. The
+    rule is the setting's in :data:`INT_SETTINGS` / :data:`FLOAT_SETTINGS`, or the one given (the app's own
+    settings)."""
+    if name in INT_SETTINGS or low is not None:
+        low, high = (low, high) if low is not None else INT_SETTINGS[name]
+        if not is_int(value) or value < low or (high is not None and value > high):
+            return "must be " + (f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}")
+        return None
+    rule = rule if rule is not None else FLOAT_SETTINGS[name]
+    if not is_number(value) or not math.isfinite(value) or not FLOAT_RULES[rule](value):
+        return f"must be a finite number {rule}"
+    return None
+
+
+@dataclass(kw_only=True)
+class TrainSettings:
+    """The settings a user gives a training run, declared once: :class:`TrainArgs` (the loop's settings) and
+    the experiment app's run spec (:class:`subpeft.app.run.RunSpec`) both are these, plus their own."""
+
     lr: float = 1e-3
+    # a fresh classification head (parameters under a module of TrainArgs.head_modules) trains at head_lr
+    head_lr: float | None = None
     batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.0
@@ -84,38 +170,33 @@ class TrainArgs:
     seed: int = 0
     eval_every: int = 0  # evaluate on dev every N optimizer steps and keep the best (0: never)
     save_every: int = 0  # write the checkpoint every N optimizer steps (0: only at the end / on Ctrl-C)
-    eval_batch_size: int = 64
     load_best_at_end: bool = False
     keep_checkpoint: bool = True  # keep checkpoints/last once training has finished
+
+
+@dataclass(kw_only=True)
+class TrainArgs(TrainSettings):
+    """Settings of one run of the loop. ``total_steps`` counts optimizer steps; each takes ``grad_accum``
+    micro-batches of ``batch_size`` examples."""
+
+    total_steps: int
+    eval_batch_size: int = 64
     progress: bool = True
-    # a fresh classification head (parameters under a module of one of these names) trains at head_lr
-    head_lr: float | None = None
     head_modules: tuple[str, ...] = ()
+    finalize: bool = True  # call the model's finalize() hook once training has ended
+    desc: str = "train"  # the progress bar's label
+
+    #: settings that may be None (head_lr: no separate head lr; max_grad_norm: no clipping)
+    OPTIONAL = ("head_lr", "max_grad_norm")
 
     def __post_init__(self) -> None:
-        for name in ("total_steps", "batch_size", "grad_accum", "eval_batch_size"):
+        for name in (*INT_SETTINGS, *FLOAT_SETTINGS):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
-        finite = {name: getattr(self, name) for name in ("lr", "head_lr", "weight_decay", "warmup_ratio",
-                                                           "max_grad_norm")}
-        for name, value in finite.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 (None: no clipping), got {self.max_grad_norm}")
+            if value is None and name in self.OPTIONAL:
+                continue
+            problem = setting_problem(name, value)
+            if problem:
+                raise ValueError(f"{name} {problem}, got {value!r}")
 
     # settings a resumed run must share with the run that wrote the checkpoint
     _FINGERPRINT = ("total_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_ratio",
@@ -146,6 +227,14 @@ class TrainState:
         k = max(1, len(self.losses) // 10)
         part = self.losses[:k] if first else self.losses[-k:]
         return sum(part) / len(part)
+
+
+def settings_diff(saved: dict[str, Any], now: dict[str, Any], *, ignore: tuple[str, ...] = (),
+                  was: str = "checkpoint") -> list[str]:
+    """The settings in ``now`` that differ from ``saved`` (except those in ``ignore``), as
+    ``"name: <was> X, now Y"``: the one comparison of a resumed run's settings with its saved ones (the
+    trainer's with its checkpoint, the app's run spec with its run.json)."""
+    return [f"{k}: {was} {saved.get(k)!r}, now {v!r}" for k, v in now.items() if k not in ignore and saved.get(k) != v]
 
 
 # --------------------------------------------------------------------------- checkpoint files
@@ -422,8 +511,7 @@ class Trainer:
 
         path = Path(path)
         doc = read_state(path)
-        saved, now = doc["args"], self.args.fingerprint()
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+        diff = settings_diff(doc["args"], self.args.fingerprint())
         if diff:
             raise ResumeError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diff)}). "
                               "Resume with the original settings, or start a new run in another folder.")
@@ -485,10 +573,7 @@ class Trainer:
         else:
             torch.manual_seed(args.seed)
             random.seed(args.seed)
-        regularization = getattr(model, "regularization", None)
-        step_hook = getattr(model, "step", None)
-        if not callable(regularization) or not callable(step_hook):
-            regularization = step_hook = None
+        hooks = TrainingHooks(model)
         device = _device_of(model)
 
         previous = None
@@ -496,7 +581,7 @@ class Trainer:
             previous = signal.signal(signal.SIGINT, self._sigint)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=args.total_steps, initial=state.global_step, desc="train", unit="step",
+        bar = tqdm(total=args.total_steps, initial=state.global_step, desc=args.desc, unit="step",
                    disable=not args.progress, dynamic_ncols=True)
         start = time.perf_counter()
         model.train()
@@ -509,11 +594,11 @@ class Trainer:
                     state.micro += 1
                     loss = model(**_to(batch, device)).loss
                     task_loss += loss.detach().item() / args.grad_accum
-                    if regularization is not None:
-                        reg = regularization()
-                        if torch.is_tensor(reg) and reg.requires_grad:
-                            loss = loss + reg
-                        reg_value += float(reg.detach() if torch.is_tensor(reg) else reg) / args.grad_accum
+                    if hooks:
+                        term, value = hooks.regularization()
+                        if term is not None:
+                            loss = loss + term
+                        reg_value += value / args.grad_accum
                     (loss / args.grad_accum).backward()
                 if not math.isfinite(task_loss + reg_value):
                     what = "the loss" if math.isfinite(reg_value) or not math.isfinite(task_loss) else \
@@ -534,8 +619,7 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 state.global_step += 1
-                if step_hook is not None:
-                    step_hook(state.global_step)  # gradients are still there (AdaLoRA reads them)
+                hooks.step(state.global_step)  # gradients are still there (AdaLoRA reads them)
                 self.optimizer.zero_grad(set_to_none=True)
                 state.losses.append(task_loss)
                 state.regularization.append(reg_value)
@@ -574,4 +658,106 @@ class Trainer:
             load_model_state(model, self.best_dir)
             self.log(f"loaded the best adapter (step {state.best_step}, dev {self.workload.metric} "
                      f"{state.best_score:.4f})")
+        if args.finalize:
+            hooks.finalize()
         return state
+
+
+# --------------------------------------------------------------------------- a classifier from texts
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_classifier` did."""
+
+    steps: int
+    epochs: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # task loss + regularization, per step
+    learning_rates: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 10% of steps (at least one)."""
+        if not self.losses:
+            return math.nan
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return sum(tail) / len(tail)
+
+    @property
+    def first_loss(self) -> float:
+        """Mean loss over the first 10% of steps (at least one)."""
+        if not self.losses:
+            return math.nan
+        head = self.losses[: max(1, len(self.losses) // 10)]
+        return sum(head) / len(head)
+
+
+class _Texts(Workload):
+    """Labelled texts, tokenised once: the workload :func:`train_classifier` hands the loop."""
+
+    kind, metric = "classification", "accuracy"
+
+    def __init__(self, tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int) -> None:
+        self.tokenizer, self.labels = tokenizer, labels
+        self.encoded = encode(tokenizer, texts, max_length)
+        self.num_train = len(texts)
+
+    def train_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = _collate(self.tokenizer, self.encoded, indices)
+        batch["labels"] = torch.tensor([int(self.labels[i]) for i in indices], dtype=torch.long)
+        return batch
+
+
+def train_classifier(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    epochs: float = 1.0,
+    max_steps: int | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.06,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    finalize: bool = True,
+) -> TrainResult:
+    """Fine-tune a sequence classifier (plain model or ``TunedModel``) on labelled texts with :class:`Trainer`.
+
+    Only parameters with ``requires_grad`` are optimised (AdamW). The learning rate warms up linearly over
+    ``warmup_ratio`` of the steps and then decays linearly to 0; gradients are clipped to ``max_grad_norm``
+    (``None`` disables clipping). Training runs for ``max_steps`` optimizer steps when given (cycling
+    through reshuffled epochs), otherwise for ``epochs`` passes over the data. ``seed`` fixes the batch
+    order and seeds torch's global RNG (dropout). The model is left in eval mode.
+
+    The library's hooks run as in every run of the loop (:mod:`subpeft.training.hooks`):
+    ``regularization()`` is added to each step's loss, ``step(global_step)`` follows each optimizer step,
+    and with ``finalize=True`` ``finalize()`` runs once training has finished.
+    """
+    if len(texts) != len(labels):
+        raise ValueError(f"got {len(texts)} texts but {len(labels)} labels")
+    if len(texts) == 0:
+        raise ValueError("train_classifier needs at least one training example")
+    steps_per_epoch = math.ceil(len(texts) / batch_size)
+    total = max_steps if max_steps is not None else math.ceil(epochs * steps_per_epoch)
+    if total < 1:
+        raise ValueError(f"nothing to train: epochs={epochs}, max_steps={max_steps}")
+    args = TrainArgs(total_steps=total, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                     warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, seed=seed, keep_checkpoint=False,
+                     progress=progress, finalize=finalize, desc=desc)
+    state = Trainer(model, _Texts(tokenizer, texts, labels, max_length), args).train()
+    return TrainResult(
+        steps=state.global_step,
+        epochs=state.global_step / steps_per_epoch,
+        seconds=state.seconds,
+        # the step's loss as the float32 sum it was (task loss + regularization; one micro-batch per step)
+        losses=(torch.tensor(state.losses, dtype=torch.float32)
+                + torch.tensor(state.regularization, dtype=torch.float32)).tolist(),
+        learning_rates=list(state.learning_rates),
+    )

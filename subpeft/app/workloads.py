@@ -20,35 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..training.batches import _collate, _device_of, _to, encode, predict_logits
+from ..training.loop import Workload
 from .data import PairTask, Task
-from .loop import _collate, _device_of, _to, encode, predict_logits
 
 __all__ = ["Classification", "Generation", "Workload", "make_workload", "normalize_answer"]
 
 IGNORE = -100
-
-
-class Workload:
-    """Base class: ``metric`` (the primary score) and whether greater is better."""
-
-    kind: str = ""
-    metric: str = ""
-    greater_is_better: bool = True
-    #: the training split's size in examples
-    num_train: int = 0
-
-    def train_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def evaluate(self, model: nn.Module, split: str, *, batch_size: int = 64, full: bool = True) -> dict[str, Any]:
-        """Scores of ``model`` on ``split``; ``full=False`` may skip costly extras (greedy decoding)."""
-        raise NotImplementedError
-
-    def better(self, a: float, b: float | None) -> bool:
-        """Whether score ``a`` beats ``b`` (None: anything does)."""
-        if b is None:
-            return True
-        return a > b if self.greater_is_better else a < b
 
 
 class Classification(Workload):

@@ -5,7 +5,7 @@ A :class:`RunSpec` names the method (any registered method, or a baseline: ``ful
 :func:`train_run` checks the input and loads everything before it writes anything (unknown method or
 task, bad options, numbers out of range or not finite, data files without the named columns, a single
 class, empty splits, a model folder that does not load, a non-empty output folder without ``resume`` or
-``overwrite``), trains with :class:`~subpeft.train.trainer.Trainer`, and writes to the output folder
+``overwrite``), trains with :class:`~subpeft.training.loop.Trainer`, and writes to the output folder
 (JSON files replaced atomically; a run that fails before its first checkpoint leaves nothing behind):
 
 * the adapter (``adapter_model.safetensors`` + ``adapter_config.json``; a baseline writes
@@ -40,6 +40,7 @@ from torch import nn
 
 from ..core.model import parameter_counts
 from ..core.targets import CLASSIFICATION_HEAD_NAMES
+from ..training.loop import FLOAT_SETTINGS, INT_SETTINGS, TrainArgs, TrainSettings, setting_problem
 from .data import SPLITS, PairTask, Task, check_splits, load_data_file, load_task
 from .models import DEFAULT_MODELS, ModelNameError, load_model, model_source
 
@@ -54,6 +55,7 @@ __all__ = [
     "default_lr",
     "eval_run",
     "load_run_base",
+    "stored_spec",
     "train_run",
 ]
 
@@ -106,32 +108,27 @@ def _bad(field: str, rule: str, value: Any) -> UsageError:
     return UsageError(f"{option_name(field)} {rule}, got {shown}", field)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# field: (lowest value, None allowed)
-_INT_FIELDS: dict[str, tuple[int, bool]] = {
-    "max_steps": (1, True), "batch_size": (1, False), "grad_accum": (1, False), "max_length": (2, False),
-    "seed": (0, False), "train_size": (0, True), "dev_size": (0, True), "test_size": (0, True),
-    "eval_every": (0, False), "save_every": (0, False), "max_new_tokens": (1, False),
-    "exact_match_limit": (0, True),
+# A run's settings, checked by RunSpec.check with one rule each: the training settings' rules are the library's
+# (subpeft.training.loop.INT_SETTINGS / FLOAT_SETTINGS), the app's own are here.
+# integers: field -> (lowest, highest or None, None allowed)
+_INT_FIELDS: dict[str, tuple[int, int | None, bool]] = {
+    "max_steps": (*INT_SETTINGS["total_steps"], True),
+    **{name: (*INT_SETTINGS[name], False) for name in ("batch_size", "grad_accum")},
+    "max_length": (2, None, False),
+    "seed": (*INT_SETTINGS["seed"], False),
+    "train_size": (0, None, True), "dev_size": (0, None, True), "test_size": (0, None, True),
+    **{name: (*INT_SETTINGS[name], False) for name in ("eval_every", "save_every")},
+    "max_new_tokens": (1, None, False), "exact_match_limit": (0, None, True),
 }
-_INT_MAX = {"seed": 2**32 - 1}  # numpy's and most seeders' range
 _INT_HINTS = {
     "train_size": " (0: the whole split)", "dev_size": " (0: the whole split)", "test_size": " (0: the whole split)",
     "eval_every": " (0: never)", "save_every": " (0: only at the end and on Ctrl-C)",
     "max_length": " (tokens per example)",
 }
-_FLOAT_RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
-# field: (rule, None allowed)
+# finite numbers: field -> (rule, None allowed); lr None: the method's default (default_lr)
 _FLOAT_FIELDS: dict[str, tuple[str, bool]] = {
-    "epochs": ("> 0", False), "lr": ("> 0", True), "head_lr": ("> 0", True), "weight_decay": (">= 0", False),
-    "warmup_ratio": ("in [0, 1]", False), "max_grad_norm": ("> 0", True),
+    "epochs": ("> 0", False),
+    **{name: (rule, name in ("lr", *TrainArgs.OPTIONAL)) for name, rule in FLOAT_SETTINGS.items()},
 }
 _FLOAT_HINTS = {
     "max_grad_norm": " (the gradient clipping norm; default 1.0)", "lr": " (e.g. 2e-3)", "head_lr": " (e.g. 5e-3)",
@@ -211,9 +208,11 @@ def default_lr(method: str) -> float:
     return DEFAULT_LR.get(kind) if kind in ("module", "prompt") else DEFAULT_LR.get(family, 1e-3)
 
 
-@dataclass
-class RunSpec:
-    """Everything one run depends on (saved as ``run.json``). Sizes of ``None`` mean the whole split."""
+@dataclass(kw_only=True)
+class RunSpec(TrainSettings):
+    """Everything one run depends on (saved as ``run.json``): the training settings (the library's
+    :class:`~subpeft.training.loop.TrainSettings`, with the defaults below where they differ) and the
+    experiment's own. Sizes of ``None`` mean the whole split."""
 
     method: str = "lora"
     options: dict[str, Any] = field(default_factory=dict)  # the method's config options
@@ -227,23 +226,14 @@ class RunSpec:
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float | None = None  # None: DEFAULT_LR of the method's family
-    head_lr: float | None = None  # a fresh classification head's lr; None: DEFAULT_LR["head"]
-    batch_size: int = 16
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
+    # head_lr None: DEFAULT_LR["head"]
     max_length: int = 128
     train_size: int | None = 6400
     dev_size: int | None = 1000
     test_size: int | None = 2000
-    eval_every: int = 0
     save_every: int = 200
-    load_best_at_end: bool = False
     eval_before: bool = False
     save: bool = True
-    keep_checkpoint: bool = True
     max_new_tokens: int = 32
     exact_match_limit: int | None = 200
     quantize: str | None = None
@@ -262,27 +252,30 @@ class RunSpec:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, the experiment's first (method, options, model, task, ...), then the training settings."""
+        data = dataclasses.asdict(self)
+        shared = {f.name for f in dataclasses.fields(TrainSettings)}
+        return {k: data[k] for k in sorted(data, key=lambda k: k in shared)}
 
     def check(self) -> None:
         """Raise :class:`UsageError` on settings that cannot work, before anything is loaded or written: every
         field's type and range (numbers finite), the method and its options' values, the task, the data
         file, the model folder and the device. The one place where a run's settings are validated (train,
         eval, compare and --resume all call it); the message names the option and what would be right."""
-        for name, (low, optional) in _INT_FIELDS.items():
+        for name, (low, high, optional) in _INT_FIELDS.items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
-            high = _INT_MAX.get(name)
-            if not _is_int(value) or value < low or (high is not None and value > high):
-                hint = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-                raise _bad(name, f"must be {hint}" + _INT_HINTS.get(name, ""), value)
+            problem = setting_problem(name, value, low=low, high=high)
+            if problem:
+                raise _bad(name, problem + _INT_HINTS.get(name, ""), value)
         for name, (rule, optional) in _FLOAT_FIELDS.items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
-            if not _is_number(value) or not math.isfinite(value) or not _FLOAT_RULES[rule](value):
-                raise _bad(name, f"must be a finite number {rule}" + _FLOAT_HINTS.get(name, ""), value)
+            problem = setting_problem(name, value, rule=rule)
+            if problem:
+                raise _bad(name, problem + _FLOAT_HINTS.get(name, ""), value)
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, "must be true or false", getattr(self, name))
@@ -331,6 +324,13 @@ class RunSpec:
         if self.method == "head":
             return self.resolved_lr
         return self.head_lr if self.head_lr is not None else DEFAULT_LR["head"]
+
+    def train_args(self, total_steps: int, heads: tuple[str, ...] = (), *, progress: bool = True) -> TrainArgs:
+        """The library loop's settings for this run (the spec's training settings, the method's default lr
+        resolved, a fresh head's lr when the model has ``heads``): the one place a run spec becomes them."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)}
+        settings.update(lr=self.resolved_lr, head_lr=self.resolved_head_lr if heads else None)
+        return TrainArgs(**settings, total_steps=total_steps, progress=progress, head_modules=tuple(heads))
 
 
 class RunLog:
@@ -500,8 +500,8 @@ def _device(spec: RunSpec) -> torch.device:
 def check_out_dir(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse an output folder that a run would damage: a file, a folder inside a file, a non-empty folder
     without ``resume`` or ``overwrite``, ``resume`` without a checkpoint."""
-    from .files import run_files
-    from .trainer import find_checkpoint
+    from ..training.files import run_files
+    from ..training.loop import find_checkpoint
 
     if resume and overwrite:
         raise UsageError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
@@ -514,7 +514,7 @@ def check_out_dir(out: Path, *, resume: bool = False, overwrite: bool = False) -
         raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a folder")
     if resume:
         if find_checkpoint(out) is None:
-            from .trainer import ResumeError
+            from ..training.loop import ResumeError
 
             raise ResumeError(f"--resume: no checkpoint in {str(out / 'checkpoints' / 'last')!r}; start the run "
                               "without --resume")
@@ -522,6 +522,23 @@ def check_out_dir(out: Path, *, resume: bool = False, overwrite: bool = False) -
         what = "holds a run" if run_files(out) else "is not empty"
         raise UsageError(f"--out {str(out)!r} {what}: continue that run with --resume, replace it with --overwrite "
                          "(only the files a run writes are removed), or choose another --out")
+
+
+def stored_spec(out: str | os.PathLike, given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the run in ``out`` (its run.json), for ``--resume``; :class:`UsageError` when ``given``
+    (settings the user named) differ from them, except those a resumed run may change (``RESUME_FREE``).
+    The trainer then checks the checkpoint against the same settings (:func:`subpeft.training.loop.settings_diff`)."""
+    from ..training.files import read_json
+    from ..training.loop import settings_diff
+
+    run_json = Path(out) / "run.json"
+    if not run_json.is_file():
+        raise UsageError(f"--resume: no run in {out} (no run.json); start it without --resume")
+    stored = read_json(run_json, "--resume")
+    conflicts = settings_diff(stored, given, ignore=RunSpec.RESUME_FREE, was="run")
+    if conflicts:
+        raise UsageError(f"--resume with other settings than the run in {out}: {'; '.join(conflicts)}")
+    return stored
 
 
 def train_run(
@@ -542,8 +559,8 @@ def train_run(
     are removed, right before the new run writes its own). A run that fails before its first checkpoint
     leaves nothing behind: the folders it created are removed, or else the files it wrote.
     """
-    from .files import first_missing, remove_created, remove_run_files, write_json
-    from .trainer import ResumeError, TrainArgs, Trainer, find_checkpoint, read_state
+    from ..training.files import first_missing, remove_created, remove_run_files, write_json
+    from ..training.loop import ResumeError, Trainer, find_checkpoint, read_state
     from .workloads import make_workload
 
     wall = time.perf_counter()
@@ -582,15 +599,9 @@ def train_run(
     family, kind = method_family(spec.method)
     log(f"model  {model_name(spec, task)} + {spec.method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.3f}%)")
-    trainer = None
+    trainer = args = None
     if spec.method != "untrained":
-        args = TrainArgs(
-            total_steps=steps, lr=spec.resolved_lr, batch_size=spec.batch_size, grad_accum=spec.grad_accum,
-            weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio, max_grad_norm=spec.max_grad_norm,
-            seed=spec.seed, eval_every=spec.eval_every, save_every=spec.save_every,
-            load_best_at_end=spec.load_best_at_end, keep_checkpoint=spec.keep_checkpoint, progress=progress,
-            head_lr=spec.resolved_head_lr if heads else None, head_modules=heads,
-        )
+        args = spec.train_args(steps, heads, progress=progress)
         trainer = Trainer(model, workload, args, out, log=log, on_step=on_step)
         if resume:
             trainer.resume()  # loads the checkpoint; changed settings fail before anything is written
@@ -616,8 +627,6 @@ def train_run(
                 state = trainer.train(resume=resume)
             except FloatingPointError as exc:
                 raise FloatingPointError(_diverged(exc, spec)) from None
-            if hasattr(model, "finalize") and callable(model.finalize):
-                model.finalize()
         rss_after = _max_rss_mb()
         memory = {
             "max_rss_mb": round(rss_after, 1),
@@ -627,7 +636,7 @@ def train_run(
         if device.type == "cuda":
             memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         if spec.save and spec.method != "untrained":
-            from .trainer import save_model_state
+            from ..training.loop import save_model_state
 
             save_model_state(model, out)
 
@@ -641,8 +650,8 @@ def train_run(
             "metric": workload.metric,
             "greater_is_better": workload.greater_is_better,
             "seed": spec.seed,
-            "lr": spec.resolved_lr if spec.method != "untrained" else None,
-            "head_lr": spec.resolved_head_lr if spec.method != "untrained" and heads else None,
+            "lr": args.lr if trainer is not None else None,
+            "head_lr": args.head_lr if trainer is not None else None,
             "test": test,
             "trainable_parameters": trainable if spec.method != "untrained" else 0,
             "total_parameters": total,
@@ -707,7 +716,7 @@ def load_run_base(directory: str | os.PathLike, overrides: dict[str, Any] | None
     """The spec, task and fresh base model (and tokenizer) of the run that wrote ``directory``, read from
     the ``run.json`` beside it (or above it), with ``overrides`` (keys of :class:`RunSpec`) applied; the
     base is quantised as the run's was, so that an adapter trained on a 4-bit base sees that base."""
-    from .files import read_json
+    from ..training.files import read_json
 
     directory = Path(directory)
     run_json = find_run_json(directory)

@@ -1,0 +1,193 @@
+"""Hugging Face ``Trainer`` integration: the library's training hooks (:mod:`subpeft.training.hooks`), called
+for you. Public as :mod:`subpeft.integrations`.
+
+Methods such as AdaLoRA (rank budget, orthogonality loss), LoRA-Dash (phase switch), MPC and Diff
+pruning (loss terms) need ``tuned.regularization()`` added to the loss and
+``tuned.step(global_step)`` called after every optimizer step. Two ways to get both with ``Trainer``:
+
+``SubpeftTrainer`` (recommended): a ``Trainer`` subclass.
+    ``compute_loss`` adds ``tuned.regularization()`` to the training loss (scaled like the loss for
+    gradient accumulation, so it counts once per optimizer step), a :class:`SubpeftCallback` runs the
+    step hook, and a ``TunedModel`` is handled like a PEFT model: the data collator keeps the columns
+    the *base* model's ``forward`` takes, ``labels`` are recognised, and checkpoints hold the adapter
+    (``save_pretrained``) instead of the whole model; ``resume_from_checkpoint`` and
+    ``load_best_model_at_end`` load them back (method state included).
+
+``SubpeftCallback`` with a plain ``Trainer``.
+    A callback cannot change the loss, so it adds the regulariser's *gradient* instead: at
+    ``on_step_begin`` (before the optimizer step's first micro-batch, gradients cleared, parameters as
+    they will be for the whole step) it back-propagates ``tuned.regularization()`` once. The
+    micro-batches then accumulate on top and clipping sees the sum, so the update equals that of
+    ``loss + regularization`` exactly (for a deterministic regulariser; Diff pruning's stochastic
+    gates draw one sample per optimizer step instead of one per micro-batch). The logged loss does not
+    include the term. Limits: under fp16 loss scaling (``fp16=True``) or DeepSpeed the unscaled term is
+    wrong: use ``SubpeftTrainer`` there. A plain ``Trainer`` also needs
+    ``TrainingArguments(remove_unused_columns=False, label_names=["labels"])`` with a ``TunedModel``
+    (it reads the wrapper's ``forward(*args, **kwargs)`` signature).
+
+Both call ``tuned.step(state.global_step + 1)`` from ``on_optimizer_step`` (transformers ≥ 4.39):
+after ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA's allocator reads the gradients), with the
+number of optimizer steps done, as ``TrainerState.global_step`` reads right after. At the end of training
+(``on_train_end``) ``tuned.finalize()`` runs (Diff pruning keeps its top-k entries), unless
+``finalize=False``.
+
+    from subpeft.integrations import SubpeftTrainer  # or subpeft.training.hf
+    trainer = SubpeftTrainer(model=tuned, args=TrainingArguments(...), train_dataset=ds)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as exc:  # pragma: no cover - transformers is a dependency
+    raise ImportError("subpeft.integrations needs transformers: pip install transformers") from exc
+
+from .hooks import TrainingHooks, find_tuned
+
+__all__ = ["SubpeftCallback", "SubpeftTrainer", "find_tuned"]
+
+
+class SubpeftCallback(TrainerCallback):
+    """Calls ``tuned.step(global_step)`` after every optimizer step and ``tuned.finalize()`` at the end;
+    with ``regularization=True`` also adds the gradient of ``tuned.regularization()`` once per
+    optimizer step (see the module docstring; :class:`SubpeftTrainer` turns that off and adds the term
+    to the loss instead).
+
+    ``tuned``: the TunedModel; by default the model the Trainer passes to the callback events.
+    """
+
+    def __init__(self, tuned: nn.Module | None = None, *, regularization: bool = True, finalize: bool = True) -> None:
+        self.tuned = tuned
+        self.regularization = regularization
+        self.finalize = finalize
+        self.calls: int = 0  # optimizer steps seen (for checks)
+
+    def _hooks(self, kwargs: dict[str, Any]) -> TrainingHooks:
+        return TrainingHooks(kwargs.get("model"), tuned=self.tuned)
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102
+        if not self.regularization:
+            return control
+        hooks = self._hooks(kwargs)
+        if hooks:
+            with torch.enable_grad():
+                term, _ = hooks.regularization(value=False)
+                if term is not None:
+                    term.backward()
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+        hooks = self._hooks(kwargs)
+        if hooks:
+            hooks.step(state.global_step + 1)  # global_step is incremented after zero_grad()
+            self.calls += 1
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
+        if self.finalize:
+            self._hooks(kwargs).finalize()
+        return control
+
+
+class SubpeftTrainer(Trainer):
+    """A ``Trainer`` that adds ``tuned.regularization()`` to the training loss and runs
+    :class:`SubpeftCallback` for the step hook (see the module docstring). Takes ``Trainer``'s arguments,
+    plus ``finalize`` (default True: ``tuned.finalize()`` when training ends)."""
+
+    def __init__(self, *args: Any, finalize: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, SubpeftCallback)]
+        for cb in callbacks:
+            cb.regularization = False  # the term is in the loss here: never twice
+            cb.finalize = cb.finalize and finalize
+        if not callbacks:
+            self.add_callback(SubpeftCallback(regularization=False, finalize=finalize))
+        base = self._base_model()
+        if base is not None:
+            from transformers.utils import can_return_loss, find_labels
+
+            if self.args.label_names is None:
+                self.label_names = find_labels(base.__class__)
+            self.can_return_loss = can_return_loss(base.__class__)
+
+    def _base_model(self) -> nn.Module | None:
+        tuned = find_tuned(self.model)
+        inner = getattr(tuned, "model", None) if tuned is not None else None
+        return inner if isinstance(inner, nn.Module) else None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        base = self._base_model()
+        if self._signature_columns is None and base is not None:
+            names = list(inspect.signature(base.forward).parameters)
+            self._signature_columns = names + list({"label", "label_ids", *(self.label_names or [])})
+            return
+        super()._set_signature_columns_if_needed()
+
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether Trainer treats the loss as already normalised over the accumulated batch (it then does
+        not divide it by the accumulation steps), as ``Trainer.training_step`` decides."""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return bool((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):  # noqa: D102
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        hooks = TrainingHooks(model)
+        if not hooks or not model.training or not torch.is_grad_enabled():
+            return result
+        term, _ = hooks.regularization(value=False)
+        if term is None:
+            return result
+        if self._loss_scaled_for_ga(num_items_in_batch):
+            steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+            term = term / steps
+        if return_outputs:
+            loss, outputs = result
+            return loss + term.to(loss.device), outputs
+        return result + term.to(result.device)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        tuned = find_tuned(self.model)
+        if tuned is None or not hasattr(tuned, "save_pretrained") or not hasattr(tuned, "configs"):
+            return super()._save(output_dir, state_dict)
+        import os
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        tuned.save_pretrained(output_dir)  # the adapter (and method state), not the frozen base model
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._load_adapter(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not self._load_adapter(best):
+            super()._load_best_model()
+
+    def _load_adapter(self, directory: str) -> bool:
+        """Copy a checkpoint's adapter tensors into the TunedModel (what ``_save`` wrote); False if not one."""
+        import os
+
+        tuned = find_tuned(self.model)
+        if tuned is None or not os.path.isfile(os.path.join(directory, "adapter_config.json")):
+            return False
+        from .loop import load_model_state
+
+        load_model_state(tuned, directory)
+        return True
