@@ -22,29 +22,30 @@ from .core.errors import (
 from .core.instance import LayerInstance, MethodInstance, MethodTraits, PromptInstance
 from .core.model import TunedModel, attach, load
 from .core.registry import MethodInfo, config_from_dict, get_method, list_methods, register
+from .mechanisms.low_rank import LowRank
 from .methods.combination.dora import DoRA
 from .methods.combination.lora_dash import LoRADash
 from .methods.combination.pica import PiCa
 from .methods.combination.spectral import SpectralAdapter
 from .methods.combination.svdiff import SVDiff
 from .methods.extension.adalora import AdaLoRA
+from .methods.extension.adamix import AdaMix
 from .methods.extension.flora import FLoRA
-from .methods.extension.lora import LoRA, LowRank
+from .methods.extension.houlsby import Houlsby
+from .methods.extension.lora import LoRA
 from .methods.extension.parallel import ParallelAdapter
+from .methods.extension.pfeiffer import Pfeiffer
 from .methods.extension.trilora import TriLoRA
 from .methods.extension.vera import VeRA
 from .methods.frameworks.unipelt import UniPELT
-from .methods.modules.adamix import AdaMix
-from .methods.modules.houlsby import Houlsby
-from .methods.modules.pfeiffer import Pfeiffer
-from .methods.prompts.p_tuning import PTuning
-from .methods.prompts.p_tuning_v2 import PTuningV2
-from .methods.prompts.prefix import PrefixTuning
-from .methods.prompts.prompt_tuning import PromptTuning
 from .methods.reconstruction.bitfit import BitFit
 from .methods.reconstruction.diff_pruning import DiffPruning
 from .methods.reconstruction.ia3 import IA3
 from .methods.reconstruction.layernorm import LayerNormTuning
+from .methods.reconstruction.p_tuning import PTuning
+from .methods.reconstruction.p_tuning_v2 import PTuningV2
+from .methods.reconstruction.prefix import PrefixTuning
+from .methods.reconstruction.prompt_tuning import PromptTuning
 from .methods.reconstruction.sam_parser import SAMParser
 from .methods.reconstruction.ssb import SSB
 from .methods.reconstruction.ssl import SSL

@@ -56,6 +56,23 @@ class CallWrapper(Protocol):
     def generate(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any: ...
 
 
+class AdapterHooks:
+    """The training-time hooks of a named adapter, no-ops by default (:class:`MethodInstance` and a
+    prompt-kind adapter's module both have them; a method overrides the ones it needs)."""
+
+    def regularization(self) -> torch.Tensor | None:
+        """A scalar to add to the loss, or None."""
+        return None
+
+    def step(self, global_step: int) -> None:
+        """After each optimizer step."""
+        return None
+
+    def finalize(self) -> AdapterConfig | None:
+        """End of training; returns the new config when the adapter's saved form changed (None: unchanged)."""
+        return None
+
+
 class MethodTraits:
     """What a registered method's class declares about itself (read by the registry, the README's
     method table and ``subpeft methods``), shared by every kind of method.
@@ -64,6 +81,8 @@ class MethodTraits:
     comes from ``instance_cls``."""
 
     config_cls: ClassVar[type[AdapterConfig]]
+    #: a built-in method's family is its folder (subpeft/methods/<family>/), set by the registry;
+    #: a method defined elsewhere declares it
     family: ClassVar[str] = "extension"
     kind: ClassVar[str] = "weight"
     mergeable: ClassVar[bool] = True
@@ -94,7 +113,7 @@ class MethodTraits:
         return "base_model.shared." + key
 
 
-class MethodInstance:
+class MethodInstance(AdapterHooks):
     """One named adapter of one method in one model (see the module docstring).
 
     ``method`` is the method's registered class, ``config`` the adapter's config (resolved against
@@ -134,17 +153,6 @@ class MethodInstance:
 
     def call_wrapper(self) -> CallWrapper | None:
         """What routes the model's calls while the adapter is active, or None."""
-        return None
-
-    # -- training-time hooks ---------------------------------------------------------------------
-    def regularization(self) -> torch.Tensor | None:
-        return None
-
-    def step(self, global_step: int) -> None:
-        return None
-
-    def finalize(self) -> AdapterConfig | None:
-        """End of training; returns the new config when the adapter's saved form changed."""
         return None
 
     # -- file state ----------------------------------------------------------------------------

@@ -71,7 +71,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import SubpeftError
-from .instance import MethodInstance, MethodTraits, PromptInstance
+from .instance import AdapterHooks, MethodInstance, MethodTraits, PromptInstance
 
 IGNORE_INDEX = -100
 
@@ -161,11 +161,10 @@ def _is_sequence_level(model: nn.Module) -> bool:
     return type(model).__name__.endswith(("ForSequenceClassification", "ForMultipleChoice"))
 
 
-class PromptAdapter(MethodTraits, nn.Module):
+class PromptAdapter(MethodTraits, AdapterHooks, nn.Module):
     """The module of one named prompt-kind adapter (one per model, not per layer); its named adapter
     is a :class:`~subpeft.core.instance.PromptInstance`. Class attributes as in :class:`MethodTraits`."""
 
-    family: ClassVar[str] = "reconstruction"
     kind: ClassVar[str] = "prompt"
     mergeable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = ()
@@ -238,17 +237,6 @@ class PromptAdapter(MethodTraits, nn.Module):
 
     def file_config(self) -> AdapterConfig:
         return self.config
-
-    # -- training-time hooks ---------------------------------------------------------------------
-    def regularization(self) -> torch.Tensor | None:
-        return None
-
-    def step(self, global_step: int) -> None:
-        return None
-
-    def finalize(self) -> AdapterConfig | None:
-        """End of training; returns a new config when the adapter's form changed (None: unchanged)."""
-        return None
 
 
 def rewrite_call(

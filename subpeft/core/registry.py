@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from .config import AdapterConfig
 
 FAMILIES = ("reconstruction", "extension", "combination", "framework")
+#: the package of the built-in methods; its sub-packages are the families (the one place a built-in
+#: method's family is declared: the folder its file is in)
+METHODS_PACKAGE = "subpeft.methods"
+FAMILY_FOLDERS = {"reconstruction": "reconstruction", "extension": "extension", "combination": "combination",
+                  "frameworks": "framework"}
 KINDS = ("weight", "module", "prompt")
 
 
@@ -50,13 +55,24 @@ _LOADED = False
 def register(adapter_cls: type[Adapter]) -> type[Adapter]:
     """Class decorator for an :class:`~subpeft.core.adapter.Adapter` subclass.
 
-    The adapter class names its config class (``config_cls``), its ``family``, ``kind``,
-    ``mergeable`` and ``formula``; the config class's ``method`` is the registered name.
+    The adapter class names its config class (``config_cls``), its ``kind``, ``mergeable`` and
+    ``formula``; the config class's ``method`` is the registered name. A built-in method's family is
+    the folder its module is in (``subpeft/methods/<family>/``, see :func:`family_of_module`) and is
+    set on the class here; a method defined elsewhere declares ``family`` as a class attribute.
     """
     config_cls = adapter_cls.config_cls
     name = config_cls.method
     if not name:
         raise TypeError(f"{config_cls.__name__}.method must be set to the registered name")
+    folder_family = family_of_module(adapter_cls.__module__)
+    if folder_family is not None:
+        declared = vars(adapter_cls).get("family", folder_family)
+        if declared != folder_family:
+            raise TypeError(
+                f"{adapter_cls.__name__} is in {adapter_cls.__module__} (family {folder_family!r}) but declares "
+                f"family {declared!r}: a built-in method's family is its folder, declare none"
+            )
+        adapter_cls.family = folder_family
     if adapter_cls.family not in FAMILIES:
         raise TypeError(f"{adapter_cls.__name__}.family must be one of {FAMILIES}")
     if adapter_cls.kind not in KINDS:
@@ -80,6 +96,19 @@ def register(adapter_cls: type[Adapter]) -> type[Adapter]:
         if name not in names:
             names.append(name)
     return adapter_cls
+
+
+def family_of_module(module: str) -> str | None:
+    """The family of a method defined in ``module``: the folder under ``subpeft/methods/`` for the
+    built-in methods, None for a module elsewhere (the class's own ``family`` attribute counts)."""
+    parts = module.split(".")
+    root = METHODS_PACKAGE.split(".")
+    if parts[: len(root)] != root:
+        return None
+    folder = parts[len(root)] if len(parts) > len(root) else ""
+    if folder not in FAMILY_FOLDERS:
+        raise TypeError(f"{module}: built-in methods live in subpeft/methods/<family>/, one of {sorted(FAMILY_FOLDERS)}")
+    return FAMILY_FOLDERS[folder]
 
 
 def _load_builtin_methods() -> None:

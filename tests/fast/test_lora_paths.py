@@ -3,7 +3,7 @@
 import torch
 
 import subpeft as sp
-from subpeft.methods.extension.lora import _LoRALinear
+from subpeft.mechanisms.low_rank import FusedLowRankLinear
 
 
 def _grads(use_fused: bool, dtype=torch.float64):
@@ -29,8 +29,8 @@ def _grads(use_fused: bool, dtype=torch.float64):
 
 def test_fused_and_generic_paths_agree(monkeypatch):
     calls = []
-    real = _LoRALinear.apply
-    monkeypatch.setattr(_LoRALinear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = FusedLowRankLinear.apply
+    monkeypatch.setattr(FusedLowRankLinear, "apply", lambda *a: calls.append(1) or real(*a))
     fused = _grads(True)
     assert calls, "the fused path should be taken for a plain nn.Linear"
     calls.clear()
@@ -43,6 +43,6 @@ def test_fused_and_generic_paths_agree(monkeypatch):
 def test_fused_path_gradcheck_and_double_backward():
     torch.manual_seed(1)
     args = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in [(3, 2, 4), (5, 4), (5,), (2, 4), (5, 2)]]
-    fn = lambda x, W, b, A, B: _LoRALinear.apply(x, W, b, A, B, 0.7)  # noqa: E731
+    fn = lambda x, W, b, A, B: FusedLowRankLinear.apply(x, W, b, A, B, 0.7)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)

@@ -18,10 +18,10 @@ import subpeft as sp
 from subpeft.core.arch import describe
 from subpeft.core.errors import ConfigError
 from subpeft.core.layer import AdaptedLayer, TrainableCopy
-from subpeft.methods.modules.adamix import AdaMix, consistency_loss
-from subpeft.methods.modules.bottleneck import ACTIVATIONS
-from subpeft.methods.modules.houlsby import Houlsby
-from subpeft.methods.modules.pfeiffer import Pfeiffer
+from subpeft.mechanisms.bottleneck import ACTIVATIONS
+from subpeft.methods.extension.adamix import AdaMix, consistency_loss
+from subpeft.methods.extension.houlsby import Houlsby
+from subpeft.methods.extension.pfeiffer import Pfeiffer
 
 from .tiny_transformers import batch, tiny_bert, tiny_llama
 

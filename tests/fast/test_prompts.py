@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import subpeft as sp
 from subpeft.core.errors import ConfigError, SubpeftError
 from subpeft.core.prompt import CACHE_ARGUMENTS, cache_argument, output_cache_field
-from subpeft.methods.prompts.prefix import PrefixKV, activation_table, join_layers, split_layers
+from subpeft.methods.reconstruction.prefix import PrefixKV, activation_table, join_layers, split_layers
 
 from .tiny_transformers import VOCAB, batch, tiny_bert, tiny_llama
 

@@ -8,8 +8,8 @@ import torch
 import subpeft as sp
 from subpeft.core.arch import describe
 from subpeft.core.errors import ConfigError, SubpeftError
+from subpeft.mechanisms.bottleneck import ACTIVATIONS
 from subpeft.methods.frameworks.unipelt import UniPELT, UniPELTAdapter
-from subpeft.methods.modules.bottleneck import ACTIVATIONS
 
 from .tiny_transformers import batch, tiny_bert, tiny_llama
 

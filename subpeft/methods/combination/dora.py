@@ -38,7 +38,9 @@ from ...core.errors import ConfigError, UnsupportedLayerError
 from ...core.layers import dims, from_2d, to_2d, weight_2d
 from ...core.registry import register
 from ...core.weights import weight_access
-from ..extension.lora import LoRA, LoRAAdapter, LowRank, LowRankAdapter, _autocast_on, _functorch_active, _has_hooks
+from ...mechanisms.fastpath import autocast_on, functorch_active, has_hooks
+from ...mechanisms.low_rank import LowRank, LowRankAdapter
+from ..extension.lora import LoRA, LoRAAdapter
 
 
 @dataclass
@@ -141,7 +143,6 @@ class DoRAAdapter(LowRankAdapter):
     """LoRA factors plus a trainable magnitude ``lora_magnitude_vector`` (d_out)."""
 
     config_cls = DoRA
-    family = "combination"
     formula = "r·(d_in + d_out) + d_out"
     trains = "low-rank factors A, B and the row magnitudes m"
     layer_types = ("linear", "conv1d", "embedding", "conv2d")
@@ -195,8 +196,8 @@ class DoRAAdapter(LowRankAdapter):
         if self._fused_forward is not None and base is layer and type(layer).forward is self._fused_forward:
             W, A, B = layer.weight, self.lora_A, self.lora_B
             if (
-                x.dtype == W.dtype == A.dtype == B.dtype and not _has_hooks(layer)
-                and not _autocast_on(x.device.type) and not _functorch_active()
+                x.dtype == W.dtype == A.dtype == B.dtype and not has_hooks(layer)
+                and not autocast_on(x.device.type) and not functorch_active()
             ):
                 xd = x if (self.dropout is None or not self.dropout.training) else self.dropout(x)
                 Wt = W.t() if self.layer_type == "linear" else W

@@ -34,7 +34,7 @@ from ...core.errors import ConfigError
 from ...core.layers import dims, weight_2d
 from ...core.registry import register
 from ...core.svd import svd
-from ..extension.lora import LowRank, LowRankAdapter
+from ...mechanisms.low_rank import LowRank, LowRankAdapter
 
 
 @dataclass
@@ -65,7 +65,6 @@ class LoRADash(LowRank):
 @register
 class LoRADashAdapter(LowRankAdapter):
     config_cls = LoRADash
-    family = "combination"
     formula = "r·(d_in + d_out) + s"
     trains = "low-rank factors A, B; then Δσ on s chosen singular directions"
 

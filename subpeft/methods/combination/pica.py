@@ -98,7 +98,6 @@ class PiCaInstance(LayerInstance):
 class PiCaAdapter(Adapter):
     instance_cls = PiCaInstance
     config_cls = PiCa
-    family = "combination"
     additive = True
     formula = "r·d_out per role (per layer with share=False)"
     trains = "output maps M on the top-r input singular subspace"

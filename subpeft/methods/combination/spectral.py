@@ -67,7 +67,6 @@ def _rank(config: SpectralAdapter, base_layer: nn.Module, layer_type: str) -> in
 @register
 class SpectralLayer(Adapter):
     config_cls = SpectralAdapter
-    family = "combination"
     additive = True
     formula = "r·(d_in + d_out) additive; 2·r(r−1)/2 rotational"
     trains = "top-r singular vectors (additive shifts or Cayley rotations)"

@@ -33,7 +33,6 @@ class SVDiff(AdapterConfig):
 @register
 class SVDiffAdapter(SpectrumAdapter):
     config_cls = SVDiff
-    family = "combination"
     formula = "min(d_in, d_out)"
     trains = "spectral shifts δ"
 

@@ -54,7 +54,8 @@ from ...core.errors import ConfigError
 from ...core.instance import LayerInstance
 from ...core.layers import dims
 from ...core.registry import register
-from .lora import _PEFT_KNOWN, LowRank, LowRankAdapter
+from ...mechanisms.low_rank import LowRank, LowRankAdapter
+from .lora import PEFT_LORA_FIELDS
 
 _STATE = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B")
 
@@ -186,7 +187,7 @@ class AdaLoRA(LowRank):
 
 # AdaLoraConfig fields read above, LoRA's bookkeeping fields, and LoraConfig options that PEFT's AdaLoRA
 # ignores (so ignoring them computes what PEFT computes)
-_PEFT_ADALORA_KNOWN = _PEFT_KNOWN | {
+_PEFT_ADALORA_KNOWN = PEFT_LORA_FIELDS | {
     "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
     "rank_pattern", "alpha_pattern", "lora_bias", "use_rslora", "bias",
 }
@@ -245,7 +246,6 @@ class AdaLoRAInstance(LayerInstance):
 class AdaLoRAAdapter(LowRankAdapter):
     instance_cls = AdaLoRAInstance
     config_cls = AdaLoRA
-    family = "extension"
     formula = "r·(d_in + d_out) + r"
     trains = "P, Q and singular values λ; a global rank budget masks λ"
     has_middle = True

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.registry import register
-from .lora import LowRank, LowRankAdapter
+from ...mechanisms.low_rank import LowRank, LowRankAdapter
 
 
 @dataclass
@@ -34,7 +34,6 @@ class FLoRA(LowRank):
 @register
 class FLoRAAdapter(LowRankAdapter):
     config_cls = FLoRA
-    family = "extension"
     formula = "r·(d_in + d_out) + r²"
     trains = "low-rank factors A, B and the r×r core G between them"
     has_middle = True

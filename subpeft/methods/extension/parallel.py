@@ -18,7 +18,7 @@ from typing import ClassVar
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
 from ...core.registry import register
-from .lora import LowRankAdapter
+from ...mechanisms.low_rank import LowRankAdapter
 
 
 @dataclass
@@ -47,7 +47,6 @@ class ParallelAdapter(AdapterConfig):
 @register
 class ParallelAdapterLayer(LowRankAdapter):
     config_cls = ParallelAdapter
-    family = "extension"
     mergeable = False
     formula = "r·(d_in + d_out)"
     trains = "down- and up-projections A, B"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...core.registry import register
-from .lora import LowRank, LowRankAdapter
+from ...mechanisms.low_rank import LowRank, LowRankAdapter
 
 
 @dataclass
@@ -30,7 +30,6 @@ class TriLoRA(LowRank):
 @register
 class TriLoRAAdapter(LowRankAdapter):
     config_cls = TriLoRA
-    family = "extension"
     formula = "r·(d_in + d_out) + r"
     trains = "low-rank factors A, B and the diagonal e between them"
     has_middle = True

@@ -135,7 +135,6 @@ class VeRAAdapter(Adapter):
     """Per layer: ``vera_lambda_b`` (d_out) and ``vera_lambda_d`` (r); A and B from ``self.shared``."""
 
     config_cls = VeRA
-    family = "extension"
     formula = "d_out + r"
     trains = "scaling vectors b, d"
     layer_types = ("linear", "conv1d")

@@ -5,13 +5,13 @@ In every block (found by :mod:`subpeft.core.arch`):
 - **LoRA** on the query and value projections, reusing :class:`~subpeft.methods.extension.lora.LoRAAdapter`:
   ``y = W·x + b + G_L(x)·(α/r)·B·A·x`` with a per-token gate ``G_L(x) = sigmoid(w_L·x + b_L)`` of the
   projection's input. α = r by default: the reference code replaces α/r by the gate.
-- **Prefix tuning**, reusing :class:`~subpeft.methods.prompts.prefix.PrefixKV` (p slots per layer,
+- **Prefix tuning**, reusing :class:`~subpeft.mechanisms.prefix_kv.PrefixKV` (p slots per layer,
   reparametrised by an MLP while training, folded by ``tuned.finalize()`` and saved folded) and
   :func:`~subpeft.core.prompt.rewrite_call` (masks, positions, KV cache, generation): the layer's
   attention runs over ``[G_P·P_k; K]`` and ``[G_P·P_v; V]`` with one gate per example,
   ``G_P = mean over the real tokens of sigmoid(w_P·h + b_P)``, h the attention's input (the query
   projection's input). When generating with a KV cache the prefix gate is the prompt's.
-- **A bottleneck adapter** (:mod:`subpeft.methods.modules.bottleneck`) on the FFN output projection,
+- **A bottleneck adapter** (:mod:`subpeft.mechanisms.bottleneck`) on the FFN output projection,
   ``h + G_A(h)·f(h)``, ``G_A(h) = sigmoid(w_A·h + b_A)`` per token of its input h.
 
 Gates are nn.Linear(d, 1) with nn.Linear's default init. The reference code averages the LoRA and
@@ -45,9 +45,9 @@ from ...core.instance import LayerInstance
 from ...core.layers import dims, factory
 from ...core.prompt import bind_call, cache_length, passed_cache, rewrite_call
 from ...core.registry import register
+from ...mechanisms.bottleneck import Bottleneck, BottleneckAdapter
+from ...mechanisms.prefix_kv import PrefixKV
 from ..extension.lora import LoRA, LoRAAdapter
-from ..modules.bottleneck import Bottleneck, BottleneckAdapter
-from ..prompts.prefix import PrefixKV
 
 
 @dataclass
@@ -155,7 +155,6 @@ class UniPELTInstance(LayerInstance):
 @register
 class UniPELTAdapter(Adapter):
     config_cls = UniPELT
-    family = "framework"
     kind = "module"
     mergeable = False
     instance_cls = UniPELTInstance

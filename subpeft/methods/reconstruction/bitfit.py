@@ -41,7 +41,6 @@ class BitFit(AdapterConfig):
 @register
 class BitFitAdapter(Adapter):
     config_cls = BitFit
-    family = "reconstruction"
     additive = True
     formula = "d_out (layers with a bias)"
     trains = "bias offsets Δb"

@@ -107,7 +107,6 @@ class DiffPruningInstance(LayerInstance):
 class DiffPruningAdapter(Adapter):
     instance_cls = DiffPruningInstance
     config_cls = DiffPruning
-    family = "reconstruction"
     additive = True
     formula = "2·d_out·d_in while training; ⌈budget·d_out·d_in⌉ after finalize()"
     trains = "dense diff w and gate logits log α; the kept entries after finalize()"

@@ -29,7 +29,14 @@ from ...core.config import AdapterConfig
 from ...core.errors import UnsupportedLayerError
 from ...core.layers import dims
 from ...core.registry import register
-from ._scaling import DiagonalScaling, all_feedforward, check_feedforward, feedforward_matches, peft_dict, peft_fields
+from ...mechanisms.scaling import (
+    DiagonalScaling,
+    all_feedforward,
+    check_feedforward,
+    feedforward_matches,
+    peft_dict,
+    peft_fields,
+)
 
 
 @dataclass

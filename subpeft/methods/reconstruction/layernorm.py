@@ -48,7 +48,6 @@ def _plain(module: nn.Module, cls: type) -> bool:
 @register
 class LayerNormTuningAdapter(Adapter):
     config_cls = LayerNormTuning
-    family = "reconstruction"
     additive = True
     formula = "2·d (d for a norm without bias)"
     trains = "norm weights and biases (Δw, Δb)"

@@ -35,7 +35,7 @@ from ...core.config import AdapterConfig
 from ...core.layers import dims, factory, from_2d, weight_2d
 from ...core.registry import register
 from ...core.svd import svd
-from ..extension.lora import _has_hooks
+from ...mechanisms.fastpath import has_hooks
 
 
 class SpectrumAdapter(Adapter):
@@ -77,7 +77,7 @@ class SpectrumAdapter(Adapter):
             h = F.embedding(x, self.Vh.t()) * (self.spectrum() - self.S)
             y = base(x)
             return y + F.linear(h, self.U).to(y.dtype)
-        plain = base is layer and not _has_hooks(layer)
+        plain = base is layer and not has_hooks(layer)
         if kind == "conv2d":
             delta = self.delta_weight()
             if plain and type(layer) is nn.Conv2d:
@@ -111,7 +111,6 @@ class SAMParser(AdapterConfig):
 @register
 class SAMParserAdapter(SpectrumAdapter):
     config_cls = SAMParser
-    family = "reconstruction"
     formula = "min(d_in, d_out)"
     trains = "singular values σ'"
 

@@ -17,7 +17,7 @@ from torch import nn
 from ...core.config import AdapterConfig
 from ...core.layers import dims
 from ...core.registry import register
-from ._scaling import DiagonalScaling
+from ...mechanisms.scaling import DiagonalScaling
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import nn
 from ...core.config import AdapterConfig
 from ...core.layers import dims
 from ...core.registry import register
-from ._scaling import DiagonalScaling, all_feedforward, peft_dict, peft_fields
+from ...mechanisms.scaling import DiagonalScaling, all_feedforward, peft_dict, peft_fields
 
 
 @dataclass

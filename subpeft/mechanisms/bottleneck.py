@@ -1,4 +1,4 @@
-"""The bottleneck adapter mechanism that Houlsby, Pfeiffer and AdaMix share.
+"""The bottleneck adapter mechanism that Houlsby, Pfeiffer, AdaMix and UniPELT share.
 
 On a projection with output ``h`` (d features) the adapter computes
 ``h + f(h·W_downᵀ + b_down)·W_upᵀ + b_up``, W_down (m, d), W_up (d, m): a bottleneck of size m
@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.adapter import Adapter
-from ...core.arch import describe
-from ...core.config import AdapterConfig
-from ...core.errors import ConfigError
-from ...core.layers import dims, factory
+from ..core.adapter import Adapter
+from ..core.arch import describe
+from ..core.config import AdapterConfig
+from ..core.errors import ConfigError
+from ..core.layers import dims, factory
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh,
@@ -91,7 +91,6 @@ class BottleneckAdapter(Adapter):
     """``h + f(h·W_downᵀ + b_down)·W_upᵀ + b_up`` on the adapted projection's output h (see module doc)."""
 
     config_cls = Bottleneck
-    family = "extension"  # an adapter adds a new subspace (the bottleneck's)
     kind = "module"
     mergeable = False
     layer_types = ("linear", "conv1d")

@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...core.config import AdapterConfig
-from ...core.errors import ConfigError
-from ...core.prompt import PromptAdapter
-from ...core.weights import weight_access
+from ..core.config import AdapterConfig
+from ..core.errors import ConfigError
+from ..core.prompt import PromptAdapter
+from ..core.weights import weight_access
 
 # PEFT task types by the ending of the transformers class name
 _TASKS = (
@@ -150,7 +150,7 @@ class VirtualAdapter(PromptAdapter):
                 f"{type(model).__name__} is an encoder-decoder model"
             )
         if cls.uses_kv:
-            from ...core.arch import describe
+            from ..core.arch import describe
 
             parts = describe(model, method=cls.config_cls.method)
             return {"token_dim": parts.num_kv_heads * parts.head_dim, "num_layers": parts.num_layers,

@@ -19,7 +19,7 @@ from torch import nn
 from ...core.arch import describe
 from ...core.errors import ConfigError
 from ...core.registry import register
-from .bottleneck import Bottleneck, BottleneckAdapter
+from ...mechanisms.bottleneck import Bottleneck, BottleneckAdapter
 
 
 @dataclass

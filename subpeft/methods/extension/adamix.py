@@ -40,7 +40,7 @@ from torch import nn
 from ...core.errors import ConfigError
 from ...core.instance import LayerInstance
 from ...core.registry import register
-from .bottleneck import Bottleneck, BottleneckAdapter, init_down
+from ...mechanisms.bottleneck import Bottleneck, BottleneckAdapter, init_down
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...core.errors import ConfigError
 from ...core.registry import register
-from ._virtual import InputPromptAdapter, VirtualTokens, embedding_factory
+from ...mechanisms.virtual import InputPromptAdapter, VirtualTokens, embedding_factory
 
 _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 

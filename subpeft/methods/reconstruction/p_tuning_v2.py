@@ -18,7 +18,7 @@ from torch import nn
 
 from ...core.errors import ConfigError
 from ...core.registry import register
-from ._virtual import VirtualTokens
+from ...mechanisms.virtual import VirtualTokens
 from .prefix import PrefixAdapter, activation_table
 
 

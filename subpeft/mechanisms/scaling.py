@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.adapter import Adapter
-from ...core.config import AdapterConfig
-from ...core.errors import ConfigError
-from ...core.layers import base_weight, dims, factory, from_2d, to_2d, weight_2d
-from ...core.weights import read_weight, weight_access
+from ..core.adapter import Adapter
+from ..core.config import AdapterConfig
+from ..core.errors import ConfigError
+from ..core.layers import base_weight, dims, factory, from_2d, to_2d, weight_2d
+from ..core.weights import read_weight, weight_access
 
 
 def _dtype(layer: nn.Module, value: torch.Tensor) -> torch.dtype:
@@ -44,7 +44,6 @@ def _dtype(layer: nn.Module, value: torch.Tensor) -> torch.dtype:
 class DiagonalScaling(Adapter):
     """diag(l_out)·W·diag(l_in) on one layer; subclasses say which sides this layer scales."""
 
-    family = "reconstruction"
     layer_types = ("linear", "conv1d")
     peft_keys = False  # (IA)³ and SSL: the one vector is written as PEFT's `ia3_l`
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...core.registry import register
-from .bottleneck import Bottleneck, BottleneckAdapter
+from ...mechanisms.bottleneck import Bottleneck, BottleneckAdapter
 
 
 @dataclass

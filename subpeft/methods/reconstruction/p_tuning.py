@@ -24,7 +24,7 @@ from torch import nn
 
 from ...core.errors import ConfigError
 from ...core.registry import register
-from ._virtual import InputPromptAdapter, VirtualTokens, embedding_factory
+from ...mechanisms.virtual import InputPromptAdapter, VirtualTokens, embedding_factory
 
 
 @dataclass(kw_only=True)
