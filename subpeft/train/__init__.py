@@ -33,18 +33,10 @@ from ..app.data import (
 from ..app.models import MINILM_LINEAR_NAMES, load_folder, load_minilm_classifier, load_smollm2, minilm_path
 from ..app.run import BASELINES, DEFAULT_LR, RunSpec, eval_run, train_run
 from ..app.workloads import Classification, Generation, make_workload
-from ..training import files
+from ..training import ResumeError, TrainArgs, Trainer, TrainingInterrupted, files
 from ..training import loop as trainer
 from ..training.batches import evaluate_accuracy, iter_batches, predict_logits
-from ..training.loop import (
-    ResumeError,
-    TrainArgs,
-    Trainer,
-    TrainingInterrupted,
-    TrainResult,
-    TrainState,
-    train_classifier,
-)
+from ..training.loop import TrainResult, TrainState, train_classifier
 
 loop = trainer
 for _name, _module in {"compare": compare, "data": data, "models": models, "run": run, "workloads": workloads,
