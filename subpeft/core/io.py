@@ -48,11 +48,45 @@ RECORD_KEY = "subpeft_config"  # safetensors metadata: that config as compact JS
 _BOOKKEEPING = frozenset({"base_model_name_or_path", "revision", "inference_mode", "peft_version", "subpeft_version"})
 
 
+def write_temp(directory: str | os.PathLike, final: str, data: bytes) -> str:
+    """``data`` in full (flushed to disk, the usual permissions) under a new temporary name
+    ``.<final>.*.tmp`` in ``directory``; the caller renames it into place. Nothing is left on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; keep the usual permissions
+        _fsync_write(tmp, data)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
 def _fsync_write(path: str, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Replace ``path`` with ``data`` (text as UTF-8) atomically: a reader, a crash or a full disk sees the
+    old content or the new one, never half a file. The parent folder must exist; no temporary is left."""
+    path = Path(path)
+    tmp = write_temp(path.parent, path.name, data.encode("utf-8") if isinstance(data, str) else data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return path
+
+
+def _unlink(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -99,11 +133,7 @@ def write_adapter(
     tmps: list[str] = []
     try:
         for data, final in ((weights, WEIGHTS_NAME), (cfg, CONFIG_NAME)):
-            fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            tmps.append(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; keep the usual permissions
-            _fsync_write(tmp, data)
+            tmps.append(write_temp(directory, final, data))
         weights_tmp, config_tmp = tmps
         os.replace(config_tmp, directory / PENDING_NAME)
         tmps.remove(config_tmp)
@@ -117,10 +147,7 @@ def write_adapter(
         _fsync_dir(directory)
     finally:
         for tmp in tmps:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            _unlink(tmp)
 
 
 def _remove_stale_temporaries(directory: Path) -> None:

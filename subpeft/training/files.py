@@ -1,9 +1,9 @@
 """Files and folders the command line writes: atomic replacement, and a run folder that is never emptied
 by accident.
 
-* :func:`write_atomic` writes a temporary file beside the target, flushes it to disk and renames it over
-  the target (``os.replace``), so that a reader, a crash or a full disk never sees half a file: either the
-  old content or the new one.
+* :func:`write_atomic` (the one in :mod:`subpeft.core.io`, which adapter files use too) writes a temporary
+  file beside the target, flushes it to disk and renames it over the target, so that a reader, a crash or a
+  full disk never sees half a file: either the old content or the new one.
 * :func:`first_missing` / :func:`remove_created` let a command remove the folders it created when it fails
   before it has produced anything.
 * :func:`run_files` and :func:`remove_run_files` name and remove the files a ``subpeft train`` run writes,
@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..core.io import write_atomic
 
 __all__ = [
     "CHECKPOINT_ENTRIES",
@@ -38,35 +39,6 @@ RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainable.safe
 CHECKPOINT_ENTRIES = ("last", ".last.tmp", ".last.old")
 #: what a run writes under ``best/``
 BEST_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainable.safetensors", "best.json")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Replace ``path`` with ``data`` (text is written as UTF-8) atomically; the parent folder must exist.
-    On failure the old file (if any) is untouched and no temporary file is left."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def write_json(path: str | os.PathLike, value: Any) -> Path:
