@@ -123,6 +123,10 @@ class Generation(Workload):
     def train_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return self._pad([self._train[i] for i in indices])
 
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """The answer tokens the causal LM's loss averages over (targets after the shift)."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
     @torch.no_grad()
     def answer_loss(self, model: nn.Module, split: str, *, batch_size: int = 16) -> float:
         """Mean NLL per response token over the split (each batch's mean loss weighted by its tokens)."""

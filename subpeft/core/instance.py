@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .layer import AdaptedLayer, set_submodule
-from .targets import candidate_type, default_targets, find_targets
+from .targets import candidate_type, default_targets, find_modules_to_save, find_targets
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -89,6 +89,9 @@ class MethodTraits:
     formula: ClassVar[str] = ""  # trainable numbers per adapted layer, e.g. "r·(d_in + d_out)"
     trains: ClassVar[str] = ""  # what trains, in a few words, e.g. "low-rank factors A, B"
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    #: whether some trainable tensors take no part in the forward for part of training (LoRA-Dash's Δσ before
+    #: its switch): DistributedDataParallel then needs ``find_unused_parameters`` (:mod:`subpeft.distributed`)
+    idle_parameters: ClassVar[bool] = False
     #: the :class:`MethodInstance` subclass that stands for one named adapter of this method
     instance_cls: ClassVar[type[MethodInstance]]
 
@@ -202,6 +205,10 @@ class LayerInstance(MethodInstance):
             model, config.targets, config.exclude, method=config.method, supported=method.layer_types,
             accepts=lambda module, kind: method.accepts(config, module, kind),
         )
+        # a module of modules_to_save trains whole as its copy, which is what the forward uses: an adapter in it
+        # would never take part (it would sit idle, and DDP would wait for its gradient)
+        whole = find_modules_to_save(model, config.modules_to_save or [])
+        names = [n for n in names if not any(n == w or n.startswith(w + ".") for w in whole)] or names
         layers = []
         for name in names:
             module = model.get_submodule(name)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .adapter import Adapter
@@ -150,6 +151,12 @@ class TunedModel(nn.Module):
         if not isinstance(adapter_name, str) or not _NAME_RE.match(adapter_name):
             raise AdapterNameError(f"adapter name must be an identifier without dots, got {adapter_name!r}")
         self._check_name(adapter_name, exists=False)
+        if any(type(p).__name__ == "DTensor" for p in self.model.parameters()):
+            raise SubpeftError(
+                "the model is sharded (FSDP2): attach adapters before sharding, i.e. sp.attach(model, config) (or "
+                "tuned.add_adapter / sp.load) first, then subpeft.distributed.shard(tuned): attaching swaps layers "
+                "and SVD-based methods read the whole W"
+            )
         info = method_for_config(config)
         instance = info.instance_cls(info.adapter_cls, adapter_name, config, self.model)
         self.instances[adapter_name] = instance
@@ -482,11 +489,17 @@ class TunedModel(nn.Module):
                 if not self.instances else "no adapter to save: adapter_name is an empty list"
             )
         root_name = "default" if "default" in names else (names[0] if len(names) == 1 else None)
+        # in several processes (torch.distributed), every rank may call this: each computes the tensors (whole
+        # ones; a sharded tensor is gathered, a collective) and rank 0 alone writes
+        writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         for n in names:
             self._check_name(n, exists=True)
             config, meta = self._file_config(n)
             directory = save_directory if n == root_name else os.path.join(save_directory, n)
-            write_adapter(directory, config, self.adapter_state_dict(n), meta)
+            tensors = {k: v.full_tensor() if type(v).__name__ == "DTensor" else v
+                       for k, v in self.adapter_state_dict(n).items()}
+            if writer:
+                write_adapter(directory, config, tensors, meta)
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> None:
         """Load an adapter directory as a new named adapter (and make it active)."""

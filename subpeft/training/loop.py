@@ -92,6 +92,11 @@ class Workload:
         """Scores of ``model`` on ``split``; ``full=False`` may skip costly extras (greedy decoding)."""
         raise NotImplementedError
 
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the model's loss on ``batch`` is a mean over: its examples (a causal LM's workload counts its
+        answer tokens). Several processes weight their losses by it (:class:`Trainer`)."""
+        return int(next(iter(batch.values())).shape[0])
+
     def better(self, a: float, b: float | None) -> bool:
         """Whether score ``a`` beats ``b`` (None: anything does)."""
         if b is None:
@@ -320,17 +325,28 @@ def param_groups(model: nn.Module, args: TrainArgs) -> list[dict[str, Any]]:
 
 
 def save_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
-    """A loadable adapter folder (TunedModel) or ``trainable.safetensors`` (a plain model's trainable tensors)."""
+    """A loadable adapter folder (TunedModel) or ``trainable.safetensors`` (a plain model's trainable tensors).
+    In several processes every rank calls it (sharded tensors are gathered) and rank 0 writes."""
+    from .. import distributed as spd
+
+    model = spd.unwrap(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if spd.is_main():
+        directory.mkdir(parents=True, exist_ok=True)
     if _is_tuned(model):
         model.save_pretrained(str(directory), adapter_name=model.active_adapter)
     else:
-        _save_tensors(directory / TRAINABLE_NAME, model_tensors(model), {"format": "pt"})
+        tensors = {k: spd.full_tensor(v) for k, v in model_tensors(model).items()}
+        if spd.is_main():
+            _save_tensors(directory / TRAINABLE_NAME, tensors, {"format": "pt"})
 
 
 def load_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Copy the tensors saved by :func:`save_model_state` into ``model`` (same keys and shapes required)."""
+    """Copy the tensors saved by :func:`save_model_state` into ``model`` (same keys and shapes required; a
+    sharded tensor takes its rank's part)."""
+    from .. import distributed as spd
+
+    model = spd.unwrap(model)
     directory = Path(directory)
     if _is_tuned(model):
         from ..core.io import read_tensors
@@ -349,21 +365,22 @@ def load_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
             f"the state in {str(directory)!r} does not fit this model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}, shape mismatches {bad[:3]}): was it written by another method or model?"
         )
-    with torch.no_grad():
-        for k, v in live.items():
-            v.copy_(saved[k].to(v.dtype))
+    for k, v in live.items():
+        spd.load_full(v, saved[k])
 
 
 # --------------------------------------------------------------------------- optimizer and RNG
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from ..distributed import full_tensor
+
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value
+                tensors[f"{pid}.{key}"] = full_tensor(value)  # a sharded parameter's state: gathered
             else:
                 scalars[f"{pid}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -371,9 +388,15 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
 
 def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                           meta: dict[str, Any]) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
         pid, key = flat.split(".", 1)
+        p = params[int(pid)] if int(pid) < len(params) else None
+        if isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape:  # this rank's part
+            value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
         state.setdefault(int(pid), {})[key] = value
     groups = meta["param_groups"]
     for saved, live in zip(groups, optimizer.param_groups, strict=True):
@@ -433,9 +456,14 @@ class Trainer:
     ) -> None:
         if workload.num_train == 0:
             raise ValueError("the training split is empty: nothing to train on")
+        from .. import distributed as spd
+
         self.model, self.workload, self.args = model, workload, args
+        # in several processes (subpeft.distributed): model may be DDP-wrapped; inner is what it wraps
+        self.inner = spd.unwrap(model)
+        self.rank, self.world = spd.rank(), spd.world_size()
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.log = log or (lambda msg: None)
+        self.log = (log or (lambda msg: None)) if self.rank == 0 else (lambda msg: None)
         self.on_step = on_step
         self.state = TrainState()
         self._stop = False
@@ -446,7 +474,9 @@ class Trainer:
         self.scheduler = linear_warmup_decay(
             self.optimizer, int(round(args.warmup_ratio * args.total_steps)), args.total_steps
         )
-        self.batches_per_epoch = math.ceil(workload.num_train / args.batch_size)
+        # every micro-batch is a global one of batch_size x processes examples; each rank takes its slice
+        self.global_batch = args.batch_size * self.world
+        self.batches_per_epoch = math.ceil(workload.num_train / self.global_batch)
         self._order_epoch, self._order = -1, []
         self._resumed_from: Path | None = None
 
@@ -470,36 +500,73 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
             self._order = torch.randperm(self.workload.num_train, generator=gen).tolist()
             self._order_epoch = epoch
-        bs = self.args.batch_size
+        bs = self.global_batch
         return self._order[b * bs : (b + 1) * bs]
+
+    def _micro_batch(self, micro: int) -> tuple[dict[str, torch.Tensor], float]:
+        """This rank's part of global micro-batch ``micro`` and the factor its mean loss is scaled by, so that
+        the ranks' gradients, averaged (DDP, :func:`subpeft.distributed.sync_gradients`), are the gradient of
+        the mean loss over the whole global batch: units_rank / units_all x processes, where units are what the
+        loss averages over (examples, or answer tokens: :meth:`Workload.loss_units`). A rank whose slice is
+        empty (the epoch's last, short batch) runs its first example at weight 0: every rank takes part in
+        every forward and backward, as DDP and FSDP need."""
+        indices = self._indices(micro)
+        if self.world == 1:
+            return self.workload.train_batch(indices), 1.0
+        from .. import distributed as spd
+
+        b = self.args.batch_size
+        mine = indices[self.rank * b : (self.rank + 1) * b]
+        batch = self.workload.train_batch(mine or indices[:1])
+        units = float(self.workload.loss_units(batch)) if mine else 0.0
+        total = spd.all_reduce_sum([units])[0]
+        return batch, (units * self.world / total if total > 0 else 0.0)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/last`` atomically (a complete new folder replaces the old one)."""
+        from .. import distributed as spd
+
         assert self.checkpoint_dir is not None
         final = self.checkpoint_dir
         tmp = final.with_name(".last.tmp")
         old = final.with_name(".last.old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model_state(self.model, tmp)
+        main = spd.is_main()
+        spd.check_consistent(self.model, "the trained tensors")  # several processes: they must agree
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        save_model_state(self.model, tmp)  # every rank takes part (sharded tensors are gathered), rank 0 writes
         tensors, meta = _optimizer_to_files(self.optimizer)
-        _save_tensors(tmp / "optimizer.safetensors", tensors)
-        rng_tensors, rng_meta = _rng_to_files()
-        _save_tensors(tmp / "rng.safetensors", rng_tensors)
-        doc = {
-            "state": asdict(self.state),
-            "args": self.args.fingerprint(),
-            "optimizer": meta,
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_meta,
-        }
-        _atomic_write(tmp / STATE_NAME, (json.dumps(doc) + "\n").encode())
-        if final.exists():
+        # each rank's RNG state (dropout draws differ between ranks): resumed with as many ranks, each gets its own
+        rngs = spd.gather_objects(_rng_to_files())
+        if main:
+            _save_tensors(tmp / "optimizer.safetensors", tensors)
+            rng_tensors = dict(rngs[0][0])
+            for r, (ts, _) in enumerate(rngs[1:], start=1):
+                rng_tensors.update({f"rank{r}.{k}": v for k, v in ts.items()})
+            _save_tensors(tmp / "rng.safetensors", rng_tensors)
+            doc = {
+                "state": asdict(self.state),
+                "args": self.fingerprint(),
+                "optimizer": meta,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rngs[0][1],
+                "processes": self.world,
+                "rng_ranks": [m for _, m in rngs[1:]],
+            }
+            _atomic_write(tmp / STATE_NAME, (json.dumps(doc) + "\n").encode())
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        spd.barrier()
         return final
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint; ``batch_size`` is the global one (per
+        process x processes), so a run can resume with another number of processes."""
+        return {**self.args.fingerprint(), "batch_size": self.global_batch}
 
     def find_checkpoint(self) -> Path | None:
         """``checkpoints/last`` (or its predecessor, if a save was cut between two renames)."""
@@ -511,7 +578,10 @@ class Trainer:
 
         path = Path(path)
         doc = read_state(path)
-        diff = settings_diff(doc["args"], self.args.fingerprint())
+        diff = settings_diff(doc["args"], self.fingerprint())
+        if self.world > 1 or doc.get("processes", 1) > 1:
+            diff = [d + (" (the global batch: --batch-size x processes)" if d.startswith("batch_size:") else "")
+                    for d in diff]
         if diff:
             raise ResumeError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diff)}). "
                               "Resume with the original settings, or start a new run in another folder.")
@@ -519,7 +589,12 @@ class Trainer:
             load_model_state(self.model, path)
             _optimizer_from_files(self.optimizer, _load_tensors(path / "optimizer.safetensors"), doc["optimizer"])
             self.scheduler.load_state_dict(doc["scheduler"])
-            _rng_from_files(_load_tensors(path / "rng.safetensors"), doc["rng"])
+            rng, rng_meta = _load_tensors(path / "rng.safetensors"), doc["rng"]
+            if self.rank > 0 and doc.get("processes", 1) == self.world:  # this rank's own state
+                prefix = f"rank{self.rank}."
+                rng = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
+                rng_meta = doc["rng_ranks"][self.rank - 1]
+            _rng_from_files(rng, rng_meta)
             self.state = TrainState(**doc["state"])
         except (OSError, SafetensorError, KeyError, TypeError, ValueError) as exc:
             from ..core.errors import SubpeftError
@@ -541,18 +616,21 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate_dev(self) -> None:
-        with torch.random.fork_rng(devices=[]):
-            scores = self.workload.evaluate(self.model, "dev", batch_size=self.args.eval_batch_size, full=False)
+        with torch.random.fork_rng(devices=[]):  # every rank scores the whole split (FSDP needs all in each forward)
+            scores = self.workload.evaluate(self.inner, "dev", batch_size=self.args.eval_batch_size, full=False)
         score = scores[self.workload.metric]
         self.state.evals.append({"step": self.state.global_step, **scores})
         improved = self.workload.better(score, self.state.best_score)
         if improved:
             self.state.best_score, self.state.best_step = score, self.state.global_step
             if self.best_dir is not None:
+                from .. import distributed as spd
                 from .files import write_json
 
                 save_model_state(self.model, self.best_dir)
-                write_json(self.best_dir / "best.json", self.state.evals[-1])
+                if spd.is_main():
+                    write_json(self.best_dir / "best.json", self.state.evals[-1])
+                spd.barrier()
         self.log(f"step {self.state.global_step}: dev {self.workload.metric} {score:.4f}"
                  + (" (best so far)" if improved else f" (best {self.state.best_score:.4f} at step {self.state.best_step})"))
 
@@ -573,8 +651,14 @@ class Trainer:
         else:
             torch.manual_seed(args.seed)
             random.seed(args.seed)
+        from contextlib import nullcontext
+
+        from .. import distributed as spd
+
         hooks = TrainingHooks(model)
         device = _device_of(model)
+        # DDP: gradients are all-reduced at the last micro-batch of a step only
+        no_sync = getattr(model, "no_sync", None) if self.world > 1 else None
 
         previous = None
         if threading.current_thread() is threading.main_thread():
@@ -582,24 +666,32 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.total_steps, initial=state.global_step, desc=args.desc, unit="step",
-                   disable=not args.progress, dynamic_ncols=True)
+                   disable=not args.progress or self.rank != 0, dynamic_ncols=True)
         start = time.perf_counter()
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         try:
             while state.global_step < args.total_steps:
                 task_loss = reg_value = 0.0
-                for _ in range(args.grad_accum):
-                    batch = self.workload.train_batch(self._indices(state.micro))
+                for k in range(args.grad_accum):
+                    batch, weight = self._micro_batch(state.micro)
                     state.micro += 1
-                    loss = model(**_to(batch, device)).loss
-                    task_loss += loss.detach().item() / args.grad_accum
-                    if hooks:
-                        term, value = hooks.regularization()
-                        if term is not None:
-                            loss = loss + term
-                        reg_value += value / args.grad_accum
-                    (loss / args.grad_accum).backward()
+                    with no_sync() if no_sync is not None and k < args.grad_accum - 1 else nullcontext():
+                        loss = model(**_to(batch, device)).loss
+                        if weight != 1.0:  # several processes: this rank's share of the global mean
+                            loss = loss * weight
+                        task_loss += loss.detach().item() / args.grad_accum
+                        if hooks:
+                            term, value = hooks.regularization()
+                            if term is not None:
+                                loss = loss + term
+                            reg_value += value / args.grad_accum
+                        (loss / args.grad_accum).backward()
+                if self.world > 1:
+                    spd.sync_gradients(model)  # FSDP2: the whole (trainable) tensors' gradients
+                    # the global mean loss, and whether any rank was asked to stop: the same on every rank
+                    total, stops = spd.all_reduce_sum([task_loss, float(self._stop)])
+                    task_loss, self._stop = total / self.world, stops > 0
                 if not math.isfinite(task_loss + reg_value):
                     what = "the loss" if math.isfinite(reg_value) or not math.isfinite(task_loss) else \
                         "the method's regularization term"
@@ -650,6 +742,7 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         state.seconds += time.perf_counter() - start
+        spd.check_consistent(model, "the trained tensors")
         if self.out_dir is not None and args.keep_checkpoint:
             self.save_checkpoint()
         if args.load_best_at_end and state.best_step is not None and state.best_step != state.global_step:

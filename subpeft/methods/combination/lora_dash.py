@@ -67,6 +67,7 @@ class LoRADashAdapter(LowRankAdapter):
     config_cls = LoRADash
     formula = "r·(d_in + d_out) + s"
     trains = "low-rank factors A, B; then Δσ on s chosen singular directions"
+    idle_parameters = True  # Δσ has no gradient before the switch
 
     def init_factors(self, config: LoRADash, kw: dict, d_out: int, d_in: int) -> None:
         super().init_factors(config, kw, d_out, d_in)
