@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from .app.run import UsageError
@@ -292,18 +293,24 @@ def _guarded(handler, args: argparse.Namespace) -> int:
     from .app.compare import RunFailed
 
     name = f"subpeft {args.command}"
+    # in several processes (torchrun) rank 0 alone speaks; every rank ends with the same status
+    say = (lambda text: print(text, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda text: None)
     try:
         _check_cli_options(args)
         return handler(args)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted (Ctrl-C){getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
+        say(f"{name}: interrupted (Ctrl-C){getattr(args, 'interrupt_hint', '')}")
         return 130
     except _usage_errors() as exc:
-        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        say(f"{name}: error: {_one_line(exc)}")
         return 2
     except (FloatingPointError, RunFailed, OSError) as exc:
-        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        say(f"{name}: error: {_one_line(exc)}")
         return 1
+    finally:
+        from . import distributed as spd
+
+        spd.shutdown()
 
 
 def _check_cli_options(args: argparse.Namespace) -> None:
@@ -464,7 +471,10 @@ def _train_spec(args: argparse.Namespace):
         out = str(Path("runs") / f"{merged.get('method', 'lora')}-{label}")
     args.out = out
     if args.resume:
-        base, source = stored_spec(out, given), f"--resume: {Path(out) / 'run.json'}"
+        from . import distributed as spd
+
+        processes = int(os.environ.get("WORLD_SIZE", "1")) if spd.launched() else 1
+        base, source = stored_spec(out, given, processes), f"--resume: {Path(out) / 'run.json'}"
     try:
         spec = RunSpec.from_dict({**base, **given})
     except UsageError as exc:
@@ -506,6 +516,8 @@ def _train(args: argparse.Namespace) -> int:
         else:
             args.interrupt_hint = "; nothing was written"
         raise
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     metric = m["metric"]
     print(f"{m['method']} on {m['model']}, task {m['task']}: test {metric} {m['test'][metric]:.4f} "
           f"({m['test']['examples']} examples)")
@@ -608,6 +620,11 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--eval-before", action="store_true", default=_S, help="also score the untrained model")
     p.add_argument("--no-save", dest="save", action="store_false", default=_S, help="do not write the final adapter")
     p.add_argument("--quantize", choices=["nf4"], default=_S, help="4-bit base model (QLoRA; needs subpeft.quant)")
+    p.add_argument("--model-dropout", type=float, default=_S, metavar="P",
+                   help="the base model's own dropout rate (default: the model's; 0 turns it off)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default=_S,
+                   help="several processes, launched by torchrun --nproc-per-node N -m subpeft train ...: "
+                        "ddp (default) or fsdp (the frozen base sharded); --batch-size is per process")
     p.add_argument("--out", help="output folder (default runs/<method>-<task>); a folder that already holds "
                    "files needs --resume or --overwrite")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

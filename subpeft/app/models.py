@@ -216,7 +216,7 @@ def load_smollm2(*, cache_dir: str | os.PathLike | None = None, with_tokenizer: 
     return (model, tokenizer) if with_tokenizer else model
 
 
-__all__ += ["load_folder", "smollm2_path"]
+__all__ += ["load_folder", "set_model_dropout", "smollm2_path"]
 
 
 def smollm2_path(*, cache_dir: str | os.PathLike | None = None) -> str:
@@ -290,6 +290,24 @@ _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 class ModelNameError(ValueError):
     """A name that names no model: not minilm, smollm2, a local Hugging Face model folder or (where
     accepted) ``module:factory``. The message starts with the name; callers prefix their option."""
+
+
+def set_model_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set the base model's own dropout to ``p`` (``--model-dropout``; 0 turns it off, e.g. to compare runs
+    in several processes with one): every ``nn.Dropout``, the attention dropout rates modules keep as
+    numbers (Llama's ``attention_dropout``) and the config's dropout rates. Returns how many places changed.
+    Call it before attaching a method: the method's own dropout (LoRA's) is not the model's."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p, changed = p, changed + 1
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout, changed = p, changed + 1
+    config = getattr(model, "config", None)
+    for key, value in (list(vars(config).items()) if config is not None else ()):
+        if isinstance(value, float) and not isinstance(value, bool) and (key.endswith("dropout") or key.endswith("dropout_prob")):
+            setattr(config, key, p)
+    return changed
 
 
 def model_source(name: str | os.PathLike, *, factory: bool = True) -> str:

@@ -94,7 +94,7 @@ class UsageError(ValueError):
 
 def option_name(field: str) -> str:
     """How a user sets a RunSpec field: its command-line flag, or its key in a --spec / run.json file."""
-    if field in ("keep_checkpoint", "exact_match_limit"):
+    if field in ("keep_checkpoint", "exact_match_limit", "processes"):
         return f"{field!r} (in the --spec/run.json file)"
     if field == "save":
         return "--no-save"
@@ -118,7 +118,7 @@ _INT_FIELDS: dict[str, tuple[int, int | None, bool]] = {
     "seed": (*INT_SETTINGS["seed"], False),
     "train_size": (0, None, True), "dev_size": (0, None, True), "test_size": (0, None, True),
     **{name: (*INT_SETTINGS[name], False) for name in ("eval_every", "save_every")},
-    "max_new_tokens": (1, None, False), "exact_match_limit": (0, None, True),
+    "max_new_tokens": (1, None, False), "exact_match_limit": (0, None, True), "processes": (1, None, False),
 }
 _INT_HINTS = {
     "train_size": " (0: the whole split)", "dev_size": " (0: the whole split)", "test_size": " (0: the whole split)",
@@ -135,7 +135,8 @@ _FLOAT_HINTS = {
     "warmup_ratio": " (the share of the steps spent warming up)", "weight_decay": " (default 0)",
 }
 _BOOL_FIELDS = ("load_best_at_end", "eval_before", "save", "keep_checkpoint")
-_STR_FIELDS = ("model", "task", "data", "text_col", "label_col", "prompt_col", "response_col", "quantize", "device")
+_STR_FIELDS = ("model", "task", "data", "text_col", "label_col", "prompt_col", "response_col", "quantize", "device",
+               "strategy")
 
 
 def _non_finite(value: Any) -> bool:
@@ -238,10 +239,15 @@ class RunSpec(TrainSettings):
     exact_match_limit: int | None = 200
     quantize: str | None = None
     device: str | None = None
+    model_dropout: float | None = None  # the base model's own dropout rate (None: as the model has it)
+    # several processes (torchrun): ddp or fsdp (None: ddp when launched so); batch_size is per process
+    strategy: str | None = None
+    processes: int = 1  # how many processes trained (recorded by train_run, not a setting)
 
-    # options that may change when resuming (they do not change what is trained)
+    # options that may change when resuming (they do not change what is trained; a resumed run may use another
+    # number of processes and strategy, with the same global batch)
     RESUME_FREE = ("save_every", "eval_before", "test_size", "max_new_tokens", "exact_match_limit", "save",
-                   "keep_checkpoint", "device", "load_best_at_end")
+                   "keep_checkpoint", "device", "load_best_at_end", "strategy", "processes")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
@@ -311,6 +317,14 @@ class RunSpec(TrainSettings):
                              "every N steps)", "load_best_at_end")
         if self.device is not None:
             _check_device(self.device)
+        if self.model_dropout is not None:
+            problem = setting_problem("model_dropout", self.model_dropout, rule="in [0, 1]")
+            if problem or self.model_dropout == 1:
+                raise _bad("model_dropout", "must be a dropout rate in [0, 1) (0 turns the model's dropout off)",
+                           self.model_dropout)
+        if self.strategy not in (None, "ddp", "fsdp"):
+            raise _bad("strategy", "must be ddp or fsdp (for several processes: torchrun --nproc-per-node N -m "
+                       "subpeft train ...)", self.strategy)
 
     @property
     def resolved_lr(self) -> float:
@@ -338,8 +352,9 @@ class RunLog:
     path the lines are kept until :meth:`open` names the file (a run writes nothing before it has
     checked its input and loaded its model)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, echo: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, echo: bool = True, write: bool = True) -> None:
         self.path, self.echo = (Path(path) if path else None), echo
+        self.write = write  # False: a log that keeps nothing (the ranks > 0 of a run in several processes)
         self.pending: list[str] = []
 
     def open(self, path: str | os.PathLike) -> None:
@@ -356,6 +371,8 @@ class RunLog:
             f.writelines(lines)
 
     def __call__(self, message: str) -> None:
+        if not self.write:
+            return
         self._write([f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"])
         if self.echo:
             from tqdm.auto import tqdm
@@ -524,10 +541,13 @@ def check_out_dir(out: Path, *, resume: bool = False, overwrite: bool = False) -
                          "(only the files a run writes are removed), or choose another --out")
 
 
-def stored_spec(out: str | os.PathLike, given: dict[str, Any]) -> dict[str, Any]:
+def stored_spec(out: str | os.PathLike, given: dict[str, Any], processes: int = 1) -> dict[str, Any]:
     """The settings of the run in ``out`` (its run.json), for ``--resume``; :class:`UsageError` when ``given``
     (settings the user named) differ from them, except those a resumed run may change (``RESUME_FREE``).
-    The trainer then checks the checkpoint against the same settings (:func:`subpeft.training.loop.settings_diff`)."""
+    The trainer then checks the checkpoint against the same settings (:func:`subpeft.training.loop.settings_diff`).
+
+    Resumed in another number of ``processes``, the run keeps its global batch: the per-process
+    ``batch_size`` becomes the run's global batch / ``processes`` (a given ``--batch-size`` must be that)."""
     from ..training.files import read_json
     from ..training.loop import settings_diff
 
@@ -535,6 +555,14 @@ def stored_spec(out: str | os.PathLike, given: dict[str, Any]) -> dict[str, Any]
     if not run_json.is_file():
         raise UsageError(f"--resume: no run in {out} (no run.json); start it without --resume")
     stored = read_json(run_json, "--resume")
+    saved = stored.get("processes", 1)
+    if processes != saved and isinstance(stored.get("batch_size"), int) and isinstance(saved, int):
+        total = stored["batch_size"] * saved
+        if total % processes:
+            raise UsageError(f"--resume with {processes} processes: the run's global batch, {total} examples "
+                             f"({stored['batch_size']} in each of {saved} processes), cannot be split evenly over "
+                             f"{processes}; resume with a number of processes that divides {total}", "batch_size")
+        stored = {**stored, "batch_size": total // processes, "processes": processes}
     conflicts = settings_diff(stored, given, ignore=RunSpec.RESUME_FREE, was="run")
     if conflicts:
         raise UsageError(f"--resume with other settings than the run in {out}: {'; '.join(conflicts)}")
@@ -559,12 +587,18 @@ def train_run(
     are removed, right before the new run writes its own). A run that fails before its first checkpoint
     leaves nothing behind: the folders it created are removed, or else the files it wrote.
     """
+    from .. import distributed as spd
     from ..training.files import first_missing, remove_created, remove_run_files, write_json
     from ..training.loop import ResumeError, Trainer, find_checkpoint, read_state
     from .workloads import make_workload
 
     wall = time.perf_counter()
     spec.check()
+    # several processes (torchrun): the process group, this rank's device; rank 0 alone prints and writes
+    device = spd.init(spec.device) if spd.launched() else _device(spec)
+    spec.processes = spd.world_size()
+    main = spd.is_main()
+    progress, echo = progress and main, echo and main
     out = Path(out_dir)
     check_out_dir(out, resume=resume, overwrite=overwrite)
     if resume:
@@ -576,15 +610,19 @@ def train_run(
                          "compare against 'untrained' instead")
     steps = total_steps(spec, len(task.train))
     check_method_options(spec, task, steps)
-    log = RunLog(echo=echo)  # kept until the folder is written
+    log = RunLog(echo=echo, write=main)  # kept until the folder is written
     log(f"data   {task.summary()}")
 
     model, tokenizer = load_base(spec, task)
+    if spec.model_dropout is not None:
+        from .models import set_model_dropout
+
+        set_model_dropout(model, spec.model_dropout)
+        log(f"model  dropout {spec.model_dropout:g} (--model-dropout)")
     quantized = None
     if spec.quantize:
         model, quantized = _quantize(model, spec.quantize)
         log(f"quantize {quantized} linear layers to 4-bit {spec.quantize}")
-    device = _device(spec)
     model.to(device)
     workload = make_workload(task, tokenizer, max_length=spec.max_length, max_new_tokens=spec.max_new_tokens,
                              exact_match_limit=spec.exact_match_limit or None)
@@ -602,26 +640,40 @@ def train_run(
     trainer = args = None
     if spec.method != "untrained":
         args = spec.train_args(steps, heads, progress=progress)
-        trainer = Trainer(model, workload, args, out, log=log, on_step=on_step)
+        trained = model
+        if spec.processes > 1:
+            strategy = spec.strategy or "ddp"
+            trained = spd.wrap(model, strategy, device)
+            log(f"run    {spec.processes} processes ({strategy}, {device.type}): {spec.batch_size} examples per "
+                f"process and micro-batch, {spec.batch_size * spec.processes * spec.grad_accum} per optimizer step")
+        elif spec.strategy is not None:
+            log(f"run    one process: --strategy {spec.strategy} has no effect (launch with torchrun "
+                "--nproc-per-node N -m subpeft train ...)")
+        trainer = Trainer(trained, workload, args, out, log=log, on_step=on_step)
         if resume:
             trainer.resume()  # loads the checkpoint; changed settings fail before anything is written
     elif resume:
         raise ResumeError("--resume: the baseline 'untrained' does not train; run it again without --resume")
 
-    # From here on the run writes to its folder. If it fails before its first checkpoint, it leaves nothing.
+    # From here on the run writes to its folder (rank 0; the others wait until every rank has checked and
+    # loaded everything). If it fails before its first checkpoint, it leaves nothing.
+    spd.barrier()
     created = first_missing(out)
     try:
-        if overwrite:
-            remove_run_files(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run.json", spec.to_dict())
-        log.open(out / "train.log")
+        if main:
+            if overwrite:
+                remove_run_files(out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "run.json", spec.to_dict())
+            log.open(out / "train.log")
+        spd.barrier()
         state = None
         rss_before = _max_rss_mb()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if trainer is not None:
-            log(f"train  {steps} optimizer steps of {spec.batch_size}x{spec.grad_accum} examples, lr {args.lr:g}"
+            per_step = f"{spec.batch_size}x{spec.grad_accum}" + (f"x{spec.processes} processes" if spec.processes > 1 else "")
+            log(f"train  {steps} optimizer steps of {per_step} examples, lr {args.lr:g}"
                 + (f" (head {args.head_lr:g})" if args.head_lr is not None else "") + f", seed {spec.seed}")
             try:
                 state = trainer.train(resume=resume)
@@ -635,6 +687,8 @@ def train_run(
         }
         if device.type == "cuda":
             memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        if spec.processes > 1:  # every process's, rank by rank
+            memory["per_process"] = spd.gather_objects({k: v for k, v in memory.items() if k != "what"})
         if spec.save and spec.method != "untrained":
             from ..training.loop import save_model_state
 
@@ -677,9 +731,12 @@ def train_run(
         if hasattr(model, "configs") and getattr(model, "active_adapter", None):
             metrics["config"] = model.configs[model.active_adapter].to_dict()
         metrics["wall_seconds"] = time.perf_counter() - wall
-        write_json(out / "metrics.json", metrics)
+        if spec.processes > 1:
+            metrics["processes"], metrics["strategy"] = spec.processes, spec.strategy or "ddp"
+        if main:
+            write_json(out / "metrics.json", metrics)
     except BaseException:
-        if not resume and find_checkpoint(out) is None:  # nothing produced yet: leave nothing behind
+        if main and not resume and find_checkpoint(out) is None:  # nothing produced yet: leave nothing behind
             if created is not None:
                 remove_created(created)
             else:

@@ -77,8 +77,6 @@ def build(method: str, model_kind: str, dtype: str, steps: int):
     options = dict(OPTIONS.get(method, {}))
     if model_kind == "bert":
         options.setdefault("modules_to_save", ["classifier"])
-    if dtype == "bf16":
-        options["dtype"] = "float32"
     if method == "adalora":
         options["total_steps"] = steps
     config = sp.get_method(method).config_cls(**options)
