@@ -13,7 +13,10 @@ prints one line per check, with the exception's type and message where one is ra
   every frozen parameter of a block has one dtype;
 - ``adapter_sharded``: no ignored_params: FSDP2 shards the LoRA tensors too (float32, the only
   trainable dtype) and reduce-scatters their gradients;
-- ``state_dict``: the sharded model's full state_dict (what a base checkpoint would save).
+- ``state_dict``: the sharded model's full state_dict (what a base checkpoint would save);
+- ``root_tuned``: the TunedModel itself (not the model inside it) as FSDP2's root;
+- ``checkpointing``: Hugging Face gradient checkpointing on; the adapter gradients (all-reduced) are
+  compared with the unsharded model's.
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ def main(case: str) -> None:
         for n, p in tuned.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    if case == "checkpointing":
+        if hasattr(tuned.model, "activation_checkpointing_enable"):  # transformers >= 5.25
+            tuned.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            tuned.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = copy.deepcopy(tuned)
     ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(7))
     if case == "lost_state":
@@ -101,7 +109,7 @@ def main(case: str) -> None:
     def shard():
         for block in tuned.model.model.layers:
             fully_shard(block, mesh=mesh, ignored_params=ignored)
-        fully_shard(tuned.model, mesh=mesh, ignored_params=ignored)
+        fully_shard(tuned if case == "root_tuned" else tuned.model, mesh=mesh, ignored_params=ignored)
         w = tuned.model.model.layers[0].self_attn.q_proj.base_layer.weight
         return f"q_proj weight {type(w).__name__} {w.dtype} global {tuple(w.shape)} local {tuple(w.to_local().shape)}, " \
                f"quant_state on it: {w.__dict__.get('quant_state') is not None}"
@@ -122,6 +130,19 @@ def main(case: str) -> None:
         return f"loss {loss.item():.4f}, {sum(g is not None for g in grads)}/{len(grads)} adapter grads"
 
     say(rank, f"{case}: backward", step)
+    if case == "checkpointing":
+        def same_grads():
+            ref.zero_grad()
+            ref(input_ids=ids, labels=ids).loss.backward()
+            want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+            diff = 0.0
+            for n, p in tuned.named_parameters():
+                if p.requires_grad:
+                    dist.all_reduce(p.grad)
+                    diff = max(diff, (p.grad / world - want[n]).abs().max().item())
+            return f"max |grad sharded - grad unsharded| = {diff:.3g} (both ranks see the whole batch)"
+
+        say(rank, f"{case}: gradients", same_grads)
     if case == "state_dict":
         def full_state():
             sd = tuned.model.state_dict()
