@@ -14,6 +14,9 @@ prints one line per check, with the exception's type and message where one is ra
 - ``adapter_sharded``: no ignored_params: FSDP2 shards the LoRA tensors too (float32, the only
   trainable dtype) and reduce-scatters their gradients;
 - ``state_dict``: the sharded model's full state_dict (what a base checkpoint would save);
+- ``bf16_params`` / ``float32_storage_bf16_params``: FSDP2 mixed precision
+  (``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``) with uint8 codes (left alone: not floating
+  point) or float32-stored codes (cast to bfloat16 like any float parameter);
 - ``root_tuned``: the TunedModel itself (not the model inside it) as FSDP2's root;
 - ``checkpointing``: Hugging Face gradient checkpointing on; the adapter gradients (all-reduced) are
   compared with the unsharded model's.
@@ -28,7 +31,7 @@ import traceback
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import subpeft as sp
 from subpeft.quant import quantize
@@ -83,7 +86,7 @@ def main(case: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     model = quantize(tiny_llama())
-    if case == "float32_storage":
+    if case in ("float32_storage", "float32_storage_bf16_params"):
         model = float32_storage(model)
     torch.manual_seed(1)
     tuned = sp.attach(model, sp.LoRA(r=4, targets=TARGETS))
@@ -106,10 +109,12 @@ def main(case: str) -> None:
         prepare_for_fsdp(tuned)
     ignored = None if case == "adapter_sharded" else {p for p in tuned.parameters() if p.requires_grad}
 
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if case.endswith("bf16_params") else MixedPrecisionPolicy()
+
     def shard():
         for block in tuned.model.model.layers:
-            fully_shard(block, mesh=mesh, ignored_params=ignored)
-        fully_shard(tuned if case == "root_tuned" else tuned.model, mesh=mesh, ignored_params=ignored)
+            fully_shard(block, mesh=mesh, ignored_params=ignored, mp_policy=mp)
+        fully_shard(tuned if case == "root_tuned" else tuned.model, mesh=mesh, ignored_params=ignored, mp_policy=mp)
         w = tuned.model.model.layers[0].self_attn.q_proj.base_layer.weight
         return f"q_proj weight {type(w).__name__} {w.dtype} global {tuple(w.shape)} local {tuple(w.to_local().shape)}, " \
                f"quant_state on it: {w.__dict__.get('quant_state') is not None}"
