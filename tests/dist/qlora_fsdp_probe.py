@@ -17,6 +17,7 @@ prints one line per check, with the exception's type and message where one is ra
 - ``bf16_params`` / ``float32_storage_bf16_params``: FSDP2 mixed precision
   (``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``) with uint8 codes (left alone: not floating
   point) or float32-stored codes (cast to bfloat16 like any float parameter);
+- ``shard_dim1``: ``shard_placement_fn`` giving Shard(1) to the (n, 1) codes;
 - ``root_tuned``: the TunedModel itself (not the model inside it) as FSDP2's root;
 - ``checkpointing``: Hugging Face gradient checkpointing on; the adapter gradients (all-reduced) are
   compared with the unsharded model's.
@@ -111,15 +112,22 @@ def main(case: str) -> None:
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if case.endswith("bf16_params") else MixedPrecisionPolicy()
 
+    def placement(p):
+        from torch.distributed.tensor import Shard
+
+        return Shard(1) if case == "shard_dim1" and p.dtype == torch.uint8 else None
+
     def shard():
         for block in tuned.model.model.layers:
-            fully_shard(block, mesh=mesh, ignored_params=ignored, mp_policy=mp)
+            fully_shard(block, mesh=mesh, ignored_params=ignored, mp_policy=mp, shard_placement_fn=placement)
         fully_shard(tuned if case == "root_tuned" else tuned.model, mesh=mesh, ignored_params=ignored, mp_policy=mp)
         w = tuned.model.model.layers[0].self_attn.q_proj.base_layer.weight
         return f"q_proj weight {type(w).__name__} {w.dtype} global {tuple(w.shape)} local {tuple(w.to_local().shape)}, " \
                f"quant_state on it: {w.__dict__.get('quant_state') is not None}"
 
-    say(rank, f"{case}: fully_shard", shard)
+    if say(rank, f"{case}: fully_shard", shard) is None:
+        dist.destroy_process_group()
+        return
 
     def forward():
         with torch.no_grad():
