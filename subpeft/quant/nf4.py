@@ -296,10 +296,17 @@ class NF4Access(WeightAccess):
 
 
 def _nf4_access(module: nn.Module, name: str) -> NF4Access | None:
-    """The 4-bit accessor for a quantised weight; None (plain) for the bias, for a Linear4bit whose weight
-    is not quantised yet, and for every plain ``nn.Linear``."""
-    if name == "weight" and _looks_packed(module.weight):
+    """The 4-bit accessor for a quantised weight (:class:`~subpeft.quant.fsdp.ShardedNF4Access` for one
+    FSDP2 has sharded); None (plain) for the bias, for a Linear4bit whose weight is not quantised yet,
+    and for every plain ``nn.Linear``."""
+    if name != "weight":
+        return None
+    if _looks_packed(module.weight):
         return NF4Access(module, name)
+    if type(module.weight).__name__ == "DTensor" and getattr(module, "quant_state", None) is not None:
+        from .fsdp import sharded_nf4_access  # a 4-bit weight FSDP2 has sharded (torch.distributed)
+
+        return sharded_nf4_access(module, name)
     return None
 
 
@@ -350,6 +357,15 @@ def _state_tensors(state: Any) -> list[torch.Tensor]:
     return out
 
 
+def _sharded(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's storage on this rank: the local shard of a DTensor (FSDP2), else its data."""
+    return t.to_local() if _sharded(t) else t.data
+
+
 def storage(model: nn.Module) -> dict[str, float]:
     """Bytes held by the model's 4-bit layers and by everything else.
 
@@ -358,7 +374,8 @@ def storage(model: nn.Module) -> dict[str, float]:
     quantisation, code tables; a tensor shared by several layers counted once);
     ``bytes_per_quantized_param``; ``other_params`` / ``other_bytes``: every other parameter and
     buffer (biases, embeddings, norms, heads) as stored; ``bytes_per_param``: all bytes over all
-    logical parameters."""
+    logical parameters. On a model FSDP2 has sharded, bytes are this rank's (local shards, and the
+    replicated quant states); parameter counts stay the logical, global ones."""
     seen: set[tuple[int, int]] = set()
 
     def nbytes(t: torch.Tensor) -> int:
@@ -374,12 +391,13 @@ def storage(model: nn.Module) -> dict[str, float]:
         if is_quantized(module) and id(module.weight) not in quant_weights:  # (an AdaptedLayer shows its base's)
             w = module.weight
             quant_weights.add(id(w))
-            q_params += int(torch.Size(w.quant_state.shape).numel())
-            q_bytes += nbytes(w.data) + sum(nbytes(t) for t in _state_tensors(w.quant_state))
+            state = module.quant_state if _sharded(w) else w.quant_state
+            q_params += int(torch.Size(state.shape).numel())
+            q_bytes += nbytes(_local(w)) + sum(nbytes(t) for t in _state_tensors(state))
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in quant_weights:
             o_params += t.numel()
-            o_bytes += nbytes(t)
+            o_bytes += nbytes(_local(t))
     total_params = q_params + o_params
     return {
         "quantized_params": q_params, "quantized_bytes": q_bytes,
