@@ -19,7 +19,7 @@ CONSTRAINTS = .torch-constraint.txt
 TEST_WORKERS ?= 2
 PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: setup demo test test-fast test-real bench lint versions
+.PHONY: setup demo test test-fast test-real test-dist bench lint versions
 
 setup:
 	@if [ "$(PY)" = "$(VENV)/bin/python" ] && [ ! -x "$(PY)" ]; then \
@@ -42,10 +42,13 @@ versions:
 	@$(PY) -c "import importlib.metadata as m, sys; print('tested with Python', sys.version.split()[0] + ':', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'safetensors', 'bitsandbytes', 'numpy')))"
 
 test-fast:
-	$(PYTEST) -m "not real"
+	$(PYTEST) -m "not real and not dist"
 
 test-real:
 	$(PYTEST) -m real
+
+test-dist:
+	$(PYTEST) -m dist
 
 bench: setup
 	$(PY) benchmarks/lora_speed.py

@@ -250,6 +250,10 @@ def shard(model: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = T
 
     if is_sharded(model):
         raise SubpeftError("the model is sharded already (subpeft.distributed.shard was called before)")
+    if any(getattr(m, "quant_state", None) is not None or type(m).__name__ == "Linear4bit" for m in model.modules()):
+        from .quant.fsdp import prepare_for_fsdp  # 4-bit base layers: their quant state onto the module
+
+        prepare_for_fsdp(model)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     whole = set(trainable) if len(trainable) < len(params) else set()
@@ -382,7 +386,13 @@ def _register() -> None:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
         return
-    register_weight_access(DTensor, lambda module, name: ShardedAccess(module, name))
+    register_weight_access(DTensor, _sharded_access)
+
+
+def _sharded_access(module: nn.Module, name: str) -> WeightAccess | None:
+    # a 4-bit layer keeps its quant state on the module once sharded: its own accessor (subpeft.quant, registered
+    # for the module's class, looked up next) reads and writes it
+    return None if getattr(module, "quant_state", None) is not None else ShardedAccess(module, name)
 
 
 _register()

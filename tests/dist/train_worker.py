@@ -84,6 +84,31 @@ def build(method: str, model_kind: str, dtype: str, steps: int):
     return sp.attach(model, config)
 
 
+def merge_checks(tuned, method: str, args, out: Path, info: dict) -> None:
+    """Merge (a sharded base weight is gathered, each rank writes back its shard), save the merged weights
+    (rank 0), unmerge (exact?), and try to attach a second adapter (an error once sharded)."""
+    from safetensors.torch import save_file
+
+    def weights():
+        return {name: spd.full_tensor(layer.base_layer.weight).detach().float().clone()
+                for name, layer in tuned.adapted_layers()}
+
+    before = weights()
+    tuned.merge()
+    merged = weights()
+    tuned.unmerge()
+    after = weights()
+    info["unmerge_exact"] = all(torch.equal(before[n], after[n]) for n in before)
+    if spd.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({n: w.contiguous() for n, w in merged.items()}, str(out / "merged.safetensors"))
+    try:
+        tuned.add_adapter("second", sp.get_method(method).config_cls(**OPTIONS.get(method, {})))
+        info["second_attach"] = "accepted"
+    except sp.SubpeftError as exc:
+        info["second_attach"] = str(exc)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--methods", required=True)
@@ -96,6 +121,7 @@ def main() -> int:
     p.add_argument("--stop-at", type=int, default=0, help="stop after N steps (checkpoint written)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--diverge", action="store_true", help="rank 1 perturbs its adapter after step 1")
+    p.add_argument("--merge", action="store_true", help="after training: merge, unmerge, try a second attach")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -137,6 +163,9 @@ def main() -> int:
             if "divergence" not in info:
                 tuned.save_pretrained(str(out / "adapter"))
             from safetensors.torch import save_file
+
+            if args.merge:
+                merge_checks(tuned, method, args, out, info)
 
             out.mkdir(parents=True, exist_ok=True)
             save_file({n: p.detach().float().contiguous() for n, p in tuned.named_parameters() if p.requires_grad},
