@@ -105,6 +105,34 @@ def test_two_processes_give_the_one_process_adapter(matrix, method, strategy):
     assert losses_two == pytest.approx(losses_one, rel=1e-5, abs=1e-6)  # the logged loss is the global mean
 
 
+MODULE_AND_PROMPT = [info.name for info in sp.list_methods() if info.kind != "weight"]
+
+
+@pytest.fixture(scope="module")
+def module_matrix(tmp_path_factory):
+    """Module adapters and prompt methods, 4 steps (full global batches only): 1 process with 2 micro-batches
+    of 4 per step; DDP and FSDP2 with 2 processes of 4."""
+    root = tmp_path_factory.mktemp("modules")
+    return {
+        "one": train(root / "one", MODULE_AND_PROMPT, processes=1, batch=4, grad_accum=2, steps=4),
+        "ddp": train(root / "ddp", MODULE_AND_PROMPT, processes=2, batch=4, strategy="ddp", steps=4),
+        "fsdp": train(root / "fsdp", MODULE_AND_PROMPT, processes=2, batch=4, strategy="fsdp", steps=4),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("method", MODULE_AND_PROMPT)
+def test_module_and_prompt_methods_in_two_processes(module_matrix, method, strategy):
+    """The same micro-batches summed: the same adapter. AdaMix draws a random route per forward: 1 process
+    with 2 micro-batches draws twice per step where each of 2 processes draws once, so its routes differ from
+    that run's (not from rank to rank: every rank draws the same, which is what DDP needs)."""
+    r0 = load_file(str(module_matrix[strategy] / method / "rank0.safetensors"))
+    r1 = load_file(str(module_matrix[strategy] / method / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    if method != "adamix":
+        assert max_diff(adapter(module_matrix["one"], method), adapter(module_matrix[strategy], method)) <= 1e-6
+
+
 def test_fsdp_keeps_half_of_the_frozen_base_per_rank(matrix):
     whole = info(matrix["one"], "lora")["local_param_bytes"]
     for rank in (0, 1):
