@@ -234,6 +234,10 @@ def cli_runs(tmp_path_factory):
     def runs(name: str, extra: list[str], strategies: list[str | None]) -> Path:
         argv = [["train", "--method", m, *CLI_COMMON, *extra, "--out", str(root / f"{m}-{s or name}"),
                  *(["--strategy", s] if s else [])] for m in CLI_METHODS for s in strategies]
+        if name != "b16":  # QLoRA: a 4-bit base, sharded by FSDP2
+            s = "fsdp" if "ddp" in strategies else None
+            argv.append(["train", "--method", "lora", "--quantize", "nf4", *CLI_COMMON, *extra,
+                         "--out", str(root / f"qlora-{s or name}"), *(["--strategy", s] if s else [])])
         spec = root / f"{name}.json"
         spec.write_text(json.dumps(argv))
         return spec
@@ -270,6 +274,16 @@ def test_torchrun_subpeft_train(cli_runs, method, strategy):
     assert log.count("optimizer steps of 8x1x2 processes") == 1  # rank 0 alone writes the log
 
 
+def test_torchrun_qlora_fsdp(cli_runs):
+    """A 4-bit NF4 MiniLM sharded by FSDP2 (the codes split over the ranks, the quant state on every rank):
+    the LoRA adapter of 1 process summing the same micro-batches."""
+    root, _ = cli_runs
+    two = load_file(str(root / "qlora-fsdp" / "adapter_model.safetensors"))
+    acc = load_file(str(root / "qlora-acc" / "adapter_model.safetensors"))
+    assert max_diff(two, acc) <= 1e-6
+    assert json.loads((root / "qlora-fsdp" / "metrics.json").read_text())["quantized_layers"] > 0
+
+
 def test_torchrun_prints_once(cli_runs):
     _, two = cli_runs
-    assert two.stdout.count("wrote ") == len(CLI_METHODS) * 2
+    assert two.stdout.count("wrote ") == len(CLI_METHODS) * 2 + 1
