@@ -269,7 +269,6 @@ def shard(model: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = T
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=whole or None)
     if callable(getattr(model, "generate", None)):
         register_fsdp_forward_method(model, "generate")
-    model.__dict__["_subpeft_whole"] = [p for p in params if p in whole]
     return model
 
 
@@ -279,9 +278,12 @@ def shard(model: nn.Module, mesh: Any = None, *, reshard_after_forward: bool = T
 def sync_gradients(model: nn.Module) -> None:
     """Average over ranks the gradients of the trainable tensors FSDP2 leaves whole (:func:`shard`), in one
     ``all_reduce`` per dtype; nothing for a DDP or unsharded model (DDP averages its own)."""
-    whole = unwrap(model).__dict__.get("_subpeft_whole")
-    if not whole or not active():
+    inner = unwrap(model)
+    if not active() or inner is not model or not is_sharded(inner):
         return
+    from torch.distributed.tensor import DTensor
+
+    whole = [p for p in inner.parameters() if p.requires_grad and not isinstance(p, DTensor)]
     grads: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in whole:
         if p.grad is not None:
