@@ -116,6 +116,15 @@ class SubpeftTrainer(Trainer):
             if self.args.label_names is None:
                 self.label_names = find_labels(base.__class__)
             self.can_return_loss = can_return_loss(base.__class__)
+            # Trainer reads this from the model's forward, and TunedModel.forward takes **kwargs: ask the base
+            # model, as Trainer does for a PEFT model. It decides whether the loss is taken as normalised by
+            # num_items_in_batch (then not divided by the accumulation steps, and multiplied by the number of
+            # processes when tokens are averaged across devices).
+            accepts = getattr(base, "accepts_loss_kwargs", None)
+            if accepts is None:
+                accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD
+                              for p in inspect.signature(base.forward).parameters.values())
+            self.model_accepts_loss_kwargs = bool(accepts)
 
     def _base_model(self) -> nn.Module | None:
         tuned = find_tuned(self.model)
@@ -140,8 +149,17 @@ class SubpeftTrainer(Trainer):
                     or getattr(self, "compute_loss_func", None) is not None)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):  # noqa: D102
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        except RuntimeError as exc:
+            if "Expected to have finished reduction in the prior iteration" not in str(exc):
+                raise
+            raise ValueError(
+                "DDP found a trainable adapter parameter that took no part in the last forward: some methods "
+                "train parameters that sit out of the forward for a while (LoRA-Dash's dash_sigma before its phase "
+                "switch, AdaMix's unrouted experts). Use TrainingArguments(ddp_find_unused_parameters=True) (what "
+                "Trainer picks for a TunedModel when left at None) with such methods") from exc
         hooks = TrainingHooks(model)
         if not hooks or not model.training or not torch.is_grad_enabled():
             return result
