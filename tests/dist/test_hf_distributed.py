@@ -7,7 +7,8 @@
   with rank 0's masks and directions); the adapter files are written by rank 0 only, once per save, and
   hold exactly rank 0's live adapter; ``resume_from_checkpoint`` continues to the same adapter.
 * ``ddp_find_unused_parameters=False`` trains AdaLoRA, and stops LoRA-Dash with an error that names the fix;
-  a base model whose forward takes no ``**kwargs`` gets no loss scaling (exact under Trainer's defaults).
+  a base model whose forward takes no ``**kwargs`` gets no loss scaling (exact under Trainer's defaults,
+  with gradient accumulation).
 * FSDP2 (accelerate's ``fully_shard`` path; on CPU the worker has to put accelerate's dropped FSDP plugin
   back, see ``force_fsdp_on_cpu``): LoRA saves the whole adapter (gathered DTensors) once, equal to one
   process, and resumes from it.
@@ -121,10 +122,12 @@ def test_default_arguments_and_unused_parameters(runs, tmp_path):
     ``ddp_find_unused_parameters=False``. AdaLoRA (every parameter in every forward; its orthogonality term in
     the loss) on a BERT whose ``forward`` takes no ``**kwargs`` (so no ``num_items_in_batch``): SubpeftTrainer
     asks the base model whether it takes loss kwargs (the TunedModel's own forward takes ``**kwargs``), so
-    Trainer does not multiply the loss by the number of processes, and the result equals one process. LoRA-Dash, whose Δσ sits out of the forward before its switch, stops
+    Trainer does not multiply the loss by the number of processes (nor leave it undivided by the accumulation
+    steps): with batch 2 and 2 accumulation steps per process (the allocator reads the gradients all-reduced
+    after the last micro-batch), the result equals one process with batch 8. LoRA-Dash, whose Δσ sits out of the forward before its switch, stops
     with an error that names the fix."""
-    proc = _launch(tmp_path, "--methods", "adalora,lora_dash", "--steps", "6", "--batch", "4", "--find-unused", "0",
-                   "--explicit-forward")
+    proc = _launch(tmp_path, "--methods", "adalora,lora_dash", "--steps", "6", "--batch", "2", "--find-unused", "0",
+                   "--explicit-forward", "--args", '{"gradient_accumulation_steps": 2}')
     assert (tmp_path / "adalora" / "live-1.safetensors").is_file(), proc.stderr[-4000:]
     rank0 = load_file(tmp_path / "adalora" / "live-0.safetensors")
     _assert_equal(rank0, load_file(tmp_path / "adalora" / "live-1.safetensors"))
