@@ -34,11 +34,21 @@ number of optimizer steps done, as ``TrainerState.global_step`` reads right afte
     from subpeft.integrations import SubpeftTrainer  # or subpeft.training.hf
     trainer = SubpeftTrainer(model=tuned, args=TrainingArguments(...), train_dataset=ds)
     trainer.train()
+
+Several processes (``accelerate launch`` / ``torchrun``; see docs/distributed_hf.md): under DDP the step hook
+reads the all-reduced gradients, so every rank makes the same decisions; checkpoints and ``save_model`` write the
+adapter from rank 0 only. Where training shards the adapter (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions),
+every rank joins a gather of the adapter's tensors (not the whole model's) and rank 0 writes them whole;
+loading a checkpoint's adapter shards it back (under DeepSpeed, ``resume_from_checkpoint`` reads the engine's
+own checkpoint instead). Methods whose parameters sit out of some forwards (LoRA-Dash before
+its switch) need ``ddp_find_unused_parameters=True``, what Trainer picks for a ``TunedModel`` by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,7 +61,65 @@ except ImportError as exc:  # pragma: no cover - transformers is a dependency
 
 from .hooks import TrainingHooks, find_tuned
 
-__all__ = ["SubpeftCallback", "SubpeftTrainer", "find_tuned"]
+__all__ = ["SubpeftCallback", "SubpeftTrainer", "find_tuned", "full_adapter_state"]
+
+
+def _is_dtensor(value: Any) -> bool:
+    return callable(getattr(value, "full_tensor", None))
+
+
+def _is_zero3(value: Any) -> bool:
+    return hasattr(value, "ds_id")  # a DeepSpeed ZeRO-3 parameter (each rank holds a partition, .data is empty)
+
+
+@contextlib.contextmanager
+def _whole_adapter_tensors(tuned: nn.Module, *, write_back: bool = False) -> Iterator[None]:
+    """Inside this block ``tuned.adapter_state_dict`` gives whole tensors on every rank also where training
+    shards them, so that ``save_pretrained`` writes them and ``load_model_state`` checks and fills them:
+    trainable DeepSpeed ZeRO-3 parameters are gathered (``GatheredParameters``; with ``write_back``, what
+    rank 0 wrote into them is partitioned back); FSDP2 DTensors are gathered with ``full_tensor()`` and, inside the block,
+    ``adapter_state_dict`` answers with these copies (with ``write_back``, each rank then copies its shard of
+    them back into the live parameter). A collective: every rank enters it. A no-op when nothing is sharded."""
+    # a state dict holds detached tensors, which do not carry ZeRO-3's attributes: gather the trainable
+    # parameters (the adapters being trained; a frozen adapter under ZeRO-3 stays partitioned)
+    zero3 = [p for p in tuned.parameters() if p.requires_grad and _is_zero3(p)]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if write_back else None):
+            yield
+        return
+    names = list(getattr(tuned, "instances", {}))
+    live = {n: tuned.adapter_state_dict(n) for n in names}
+    if not any(_is_dtensor(v) for tensors in live.values() for v in tensors.values()):
+        yield
+        return
+    with torch.no_grad():
+        whole = {n: {k: v.full_tensor() if _is_dtensor(v) else v for k, v in tensors.items()}
+                 for n, tensors in live.items()}
+    tuned.adapter_state_dict = whole.__getitem__  # an instance attribute: shadows the method in this block
+    try:
+        yield
+    finally:
+        del tuned.adapter_state_dict
+    if write_back:
+        from torch.distributed.tensor import distribute_tensor
+
+        with torch.no_grad():
+            for n, tensors in live.items():
+                for k, v in tensors.items():
+                    if _is_dtensor(v):  # every rank holds the whole tensor: each keeps its own shard
+                        shard = distribute_tensor(whole[n][k].to(v.dtype), v.device_mesh, v.placements,
+                                                  src_data_rank=None)
+                        v.to_local().copy_(shard.to_local())
+
+
+def full_adapter_state(tuned: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the adapter's tensors (file keys), whole on every rank also when training shards them (FSDP2
+    DTensors, DeepSpeed ZeRO-3 partitions): a collective, so every rank must call this together."""
+    name = adapter_name if adapter_name is not None else tuned.active_adapter
+    with _whole_adapter_tensors(tuned), torch.no_grad():
+        return {k: v.detach().clone() for k, v in tuned.adapter_state_dict(name).items()}
 
 
 class SubpeftCallback(TrainerCallback):
@@ -116,6 +184,15 @@ class SubpeftTrainer(Trainer):
             if self.args.label_names is None:
                 self.label_names = find_labels(base.__class__)
             self.can_return_loss = can_return_loss(base.__class__)
+            # Trainer reads this from the model's forward, and TunedModel.forward takes **kwargs: ask the base
+            # model, as Trainer does for a PEFT model. It decides whether the loss is taken as normalised by
+            # num_items_in_batch (then not divided by the accumulation steps, and multiplied by the number of
+            # processes when tokens are averaged across devices).
+            accepts = getattr(base, "accepts_loss_kwargs", None)
+            if accepts is None:
+                accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD
+                              for p in inspect.signature(base.forward).parameters.values())
+            self.model_accepts_loss_kwargs = bool(accepts)
 
     def _base_model(self) -> nn.Module | None:
         tuned = find_tuned(self.model)
@@ -140,8 +217,17 @@ class SubpeftTrainer(Trainer):
                     or getattr(self, "compute_loss_func", None) is not None)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):  # noqa: D102
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        except RuntimeError as exc:
+            if "Expected to have finished reduction in the prior iteration" not in str(exc):
+                raise
+            raise ValueError(
+                "DDP found a trainable adapter parameter that took no part in the last forward: some methods "
+                "train parameters that sit out of the forward for a while (LoRA-Dash's dash_sigma before its phase "
+                "switch, AdaMix's unrouted experts). Use TrainingArguments(ddp_find_unused_parameters=True) (what "
+                "Trainer picks for a TunedModel when left at None) with such methods") from exc
         hooks = TrainingHooks(model)
         if not hooks or not model.training or not torch.is_grad_enabled():
             return result
@@ -163,13 +249,26 @@ class SubpeftTrainer(Trainer):
         import os
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return None
-        os.makedirs(output_dir, exist_ok=True)
-        tuned.save_pretrained(output_dir)  # the adapter (and method state), not the frozen base model
+        with _whole_adapter_tensors(tuned):  # FSDP2, ZeRO-3: every rank gathers, rank 0 writes
+            if not self.args.should_save:
+                return None
+            os.makedirs(output_dir, exist_ok=True)
+            tuned.save_pretrained(output_dir)  # the adapter (and method state), not the frozen base model
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         return None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:  # noqa: D102
+        # Under FSDP and DeepSpeed, Trainer first gathers the whole model's state dict (or, with FSDP's
+        # SHARDED_STATE_DICT, skips _save; with ZeRO-3 and no 16-bit gather, writes an engine checkpoint): the
+        # adapter needs none of that, every rank joins _save's gather of its own tensors.
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        if sharded and find_tuned(self.model) is not None:
+            self._save(output_dir if output_dir is not None else self.args.output_dir)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return None
+        return super().save_model(output_dir, _internal_call=_internal_call)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._load_adapter(resume_from_checkpoint):
@@ -189,5 +288,6 @@ class SubpeftTrainer(Trainer):
             return False
         from .loop import load_model_state
 
-        load_model_state(tuned, directory)
+        with _whole_adapter_tensors(tuned, write_back=True):
+            load_model_state(tuned, directory)
         return True
