@@ -11,9 +11,17 @@ batch of 8 per optimizer step (1 process: 8; 2 processes: 4 each), 2 warm-up ste
 * subpeft: ``sp.attach`` + the library's ``Trainer`` (1 process), ``subpeft.distributed.wrap(tuned, "ddp")``
   (DistributedDataParallel) or ``"fsdp"`` (``fully_shard`` per block and at the root, the frozen base sharded,
   the LoRA tensors whole on every rank, their gradients averaged by one all_reduce).
-* peft + accelerate: ``get_peft_model`` + ``Accelerator().prepare`` (DDP as accelerate sets it up under torchrun;
-  FSDP2 through ``FullyShardedDataParallelPlugin(fsdp_version=2)``, blocks wrapped by accelerate's transformer
-  auto-wrap policy, ``use_orig_params`` as FSDP2 always is), the same batches, ``accelerator.backward``.
+* peft + accelerate: ``get_peft_model`` + ``Accelerator(cpu=True).prepare`` (DDP, as accelerate sets it up under
+  torchrun), the same batches, ``accelerator.backward``. FSDP2: accelerate 1.16 enables FSDP only on accelerator
+  devices (on CPU it ignores a ``FullyShardedDataParallelPlugin`` and runs DDP), so peft's FSDP2 row calls
+  ``fully_shard`` per decoder layer and at the root by hand, as a CPU user must (the LoRA tensors are sharded
+  with their block).
+
+Memory on CPU: glibc keeps large freed buffers in the process's heap (its mmap threshold rises after the first
+frees), so FSDP2's gathered blocks, allocated and freed at every forward and backward, inflate the RSS of a
+sharded run far above what it holds (+300 MB on a 150 MB toy model; +2.5 GB after 5 SmolLM2 steps, still growing).
+Every configuration therefore runs with ``MALLOC_MMAP_THRESHOLD_=1048576`` (buffers of 1 MiB or more are mmapped
+and returned on free), alike for all; a user of FSDP2 on CPU wants it too.
 
 Measured per process: **parameter bytes held** (the local shard of every parameter: what FSDP2 divides by N),
 **peak RSS** (``ru_maxrss``: everything the process holds, the Python/torch runtime, the tokenizer and the
@@ -92,19 +100,28 @@ def worker(library: str, strategy: str, steps: int, out: Path) -> None:
             return loss
         held = tuned
     else:
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin
+        from accelerate import Accelerator
         from peft import LoraConfig, get_peft_model
 
         peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                       target_modules=["q_proj", "v_proj"]))
-        plugin = None
         if strategy == "fsdp":
-            plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True)
-        accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
-        trained, optimizer = accelerator.prepare(peft_model, optimizer)
+            # accelerate 1.16 turns FSDP on only for accelerator devices: on CPU (MULTI_CPU) it ignores an
+            # fsdp_plugin and trains under DDP (checked: every rank then holds all parameters). So peft's FSDP2
+            # row shards as a user must on CPU: fully_shard per decoder layer and at the root, by hand (peft's
+            # LoRA tensors are sharded with their block, FSDP2 reduces their gradients)
+            from torch.distributed.fsdp import fully_shard
+
+            for block in peft_model.base_model.model.model.layers:
+                fully_shard(block)
+            fully_shard(peft_model)
+            accelerator = Accelerator(cpu=True)
+            optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+            trained = peft_model
+        else:
+            accelerator = Accelerator(cpu=True)
+            optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+            trained, optimizer = accelerator.prepare(peft_model, optimizer)
 
         def step(b):
             loss = trained(**b).loss
@@ -126,6 +143,7 @@ def worker(library: str, strategy: str, steps: int, out: Path) -> None:
         "peak_rss_mb": round(rss_mb(), 1), "rss_after_load_mb": round(rss_loaded, 1),
         "rss_rise_training_mb": round(max(0.0, rss_mb() - rss_before), 1),
         "median_step_s": round(statistics.median(times), 4), "step_times_s": [round(t, 4) for t in times],
+        "sharded_parameters": sum(1 for p in held.parameters() if hasattr(p, "to_local")),
     }
     gathered = spd.gather_objects(result)
     if rank == 0:
@@ -144,7 +162,7 @@ def main() -> int:
     if args.worker:
         worker(args.worker[0], args.worker[1], args.steps, Path(args.worker[2]))
         return 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "1048576"}
     rows = []
     tmp = Path(args.out).with_suffix(".part.json")
     for library, strategy, n in CONFIGS:
@@ -173,7 +191,7 @@ def main() -> int:
     import torch
 
     doc = {"command": "python benchmarks/distributed_memory.py " + " ".join(sys.argv[1:]),
-           "torch": torch.__version__, "global_batch": GLOBAL_BATCH, "steps": args.steps, "threads_per_process": 1,
+           "torch": torch.__version__, "malloc_mmap_threshold": env["MALLOC_MMAP_THRESHOLD_"], "global_batch": GLOBAL_BATCH, "steps": args.steps, "threads_per_process": 1,
            "rows": rows}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(table(doc))
