@@ -753,6 +753,7 @@ class Trainer:
                      f"{state.best_score:.4f})")
         if args.finalize:
             hooks.finalize()
+            spd.check_consistent(model, "the finalized tensors")  # e.g. Diff pruning's top-k, on every rank
         return state
 
 

@@ -138,7 +138,7 @@ def main() -> int:
                 (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                 for p in tuned.parameters() if not p.requires_grad)
             train_args = TrainArgs(total_steps=args.steps, lr=1e-2, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                                   warmup_ratio=0.0, seed=0, progress=False, finalize=False,
+                                   warmup_ratio=0.0, seed=0, progress=False, finalize=not args.diverge,
                                    keep_checkpoint=bool(args.stop_at or args.resume), save_every=0)
 
             def on_step(trainer, step):
