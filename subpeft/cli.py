@@ -508,7 +508,8 @@ def _train(args: argparse.Namespace) -> int:
                       echo=not args.quiet)
     except TrainingInterrupted as exc:
         hint = f"; continue with: subpeft train --out {out} --resume" if exc.checkpoint else ""
-        print(f"subpeft train: {exc}{hint}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"subpeft train: {exc}{hint}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         if Path(out).is_dir() and find_checkpoint(out) is not None:
