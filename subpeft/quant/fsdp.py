@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.weights import WeightAccess, _looks_packed
-from .nf4 import _REQUANTIZED, QuantizationError, QuantizedMergeWarning, _unpack_cpu_format, require_bitsandbytes
+from ..core.weights import _looks_packed
+from .nf4 import NF4Access, QuantizationError, _unpack_cpu_format, require_bitsandbytes
 
 __all__ = ["ShardedNF4Access", "local_storage", "prepare_for_fsdp", "sharded_nf4_access"]
 
@@ -117,7 +117,7 @@ def _local_shard(full: torch.Tensor, dtensor: Any) -> torch.Tensor:
     return piece
 
 
-class ShardedNF4Access(WeightAccess):
+class ShardedNF4Access(NF4Access):
     """The weight-access protocol for a ``Linear4bit`` whose packed codes FSDP2 has sharded (a
     ``DTensor``) and whose quant state is on the module: ``read()`` all-gathers the codes and
     dequantises (a collective), ``write()`` requantises the full weight and stores this rank's shard
@@ -125,20 +125,10 @@ class ShardedNF4Access(WeightAccess):
     codes and the quant state (no communication), ``shape`` the logical (d_out, d_in)."""
 
     __slots__ = ()
-    packed = True
-    rounding_warning = (QuantizedMergeWarning, _REQUANTIZED)
 
     @property
-    def _state(self) -> Any:
+    def _state(self) -> Any:  # the quant state lives on the module once the weight is sharded
         return self.module.quant_state
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size(self._state.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._state.dtype
 
     @property
     def device(self) -> torch.device:
