@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import subpeft as sp  # noqa: E402
 from subpeft import distributed as spd  # noqa: E402
-from subpeft.training.loop import Trainer, TrainArgs, Workload  # noqa: E402
+from subpeft.training.loop import TrainArgs, Trainer, Workload  # noqa: E402
 from tests.fast.tiny_transformers import VOCAB, tiny_bert, tiny_llama  # noqa: E402
 
 # options that let each method's whole schedule (AdaLoRA's budget, LoRA-Dash's switch) run within the steps
@@ -141,7 +141,7 @@ def main() -> int:
                                    warmup_ratio=0.0, seed=0, progress=False, finalize=not args.diverge,
                                    keep_checkpoint=bool(args.stop_at or args.resume), save_every=0)
 
-            def on_step(trainer, step):
+            def on_step(trainer, step, tuned=tuned):
                 if args.diverge and step == 1 and rank == 1:
                     with torch.no_grad():
                         next(p for p in tuned.parameters() if p.requires_grad).add_(1e-3)
