@@ -39,7 +39,8 @@ def test_fsdp_float32_adapters_on_a_bfloat16_base(tmp_path):
 
 def test_merge_and_unmerge_on_a_sharded_model(tmp_path):
     """Merging gathers each sharded W and writes back each rank's shard: the merged weights equal one process's;
-    unmerge restores the shards bit for bit; attaching to a sharded model is a clear error."""
+    unmerge restores the shards bit for bit; merge_and_unload leaves the merged weights in the (still sharded)
+    plain model; attaching to a sharded model is a clear error."""
     methods = ["lora", "pica", "svdiff"]
     one = train(tmp_path / "one", methods, processes=1, batch=8, merge=True)
     fsdp = train(tmp_path / "fsdp", methods, processes=2, batch=4, strategy="fsdp", merge=True)
@@ -48,6 +49,7 @@ def test_merge_and_unmerge_on_a_sharded_model(tmp_path):
         assert max_diff(a, b) <= 1e-5
         for rank in (0, 1):
             assert info(fsdp, method, rank)["unmerge_exact"] is True
+            assert info(fsdp, method, rank)["merge_and_unload_max_diff"] == 0.0  # the unwrapped, sharded model
             assert "attach adapters before sharding" in info(fsdp, method, rank)["second_attach"]
         assert info(one, method)["second_attach"] == "accepted"
 

@@ -105,8 +105,14 @@ def merge_checks(tuned, method: str, args, out: Path, info: dict) -> None:
     try:
         tuned.add_adapter("second", sp.get_method(method).config_cls(**OPTIONS.get(method, {})))
         info["second_attach"] = "accepted"
+        tuned.delete_adapter("second")
     except sp.SubpeftError as exc:
         info["second_attach"] = str(exc)
+    names = list(merged)
+    plain = tuned.merge_and_unload()  # the wrappers go, the merged weights stay (sharded ones: gathered, written back)
+    unloaded = {n: spd.full_tensor(plain.get_submodule(n[len("model."):] if n.startswith("model.") else n).weight)
+                .detach().float() for n in names}
+    info["merge_and_unload_max_diff"] = max((unloaded[n] - merged[n]).abs().max().item() for n in names)
 
 
 def main() -> int:
@@ -164,12 +170,12 @@ def main() -> int:
                 tuned.save_pretrained(str(out / "adapter"))
             from safetensors.torch import save_file
 
-            if args.merge:
-                merge_checks(tuned, method, args, out, info)
 
             out.mkdir(parents=True, exist_ok=True)
             save_file({n: p.detach().float().contiguous() for n, p in tuned.named_parameters() if p.requires_grad},
                       str(out / f"rank{rank}.safetensors"))
+            if args.merge:
+                merge_checks(tuned, method, args, out, info)
         except Exception as exc:  # noqa: BLE001 - recorded for the test, then the next method
             info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             info["traceback"] = traceback.format_exc()
