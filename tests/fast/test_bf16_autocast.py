@@ -1,5 +1,6 @@
 """bf16 autocast: every weight-space method trains under ``torch.autocast("cpu", dtype=torch.bfloat16)``
-to the loss of its float32 run, within bf16's tolerance, and its adapter stays float32.
+to the loss of its float32 run, within bf16's tolerance, and its adapter stays float32. With
+``SUBPEFT_TEST_DEVICE=cuda`` (see tiny_models.py) the same runs use ``torch.autocast("cuda")``.
 
 **The tolerance.** bfloat16 keeps 8 significant bits: a unit roundoff u = 2⁻⁸ ≈ 3.9e-3. Autocast
 rounds the inputs of each linear/conv/matmul to bf16 (relative error ≤ u each), accumulates in
@@ -29,7 +30,7 @@ import torch
 import subpeft as sp
 
 from .test_matrix import make_config
-from .tiny_models import CASES
+from .tiny_models import CASES, DEVICE
 
 U = 2.0**-8  # bf16 unit roundoff
 RTOL = 8 * U
@@ -55,7 +56,7 @@ def _run(method: str, case, autocast: bool) -> tuple[list[float], sp.TunedModel]
     losses = []
     for step in range(1, STEPS + 1):
         torch.manual_seed(1000 + step)  # stochastic forwards (dropout, gates) draw the same numbers in both runs
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
             y = tuned(x)
             loss = (y.float() - target).pow(2).mean() + tuned.regularization()
         opt.zero_grad()
