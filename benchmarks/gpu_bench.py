@@ -15,8 +15,8 @@ status is 1 if any part failed):
 - ``qlora``: SmolLM2-135M (``subpeft.train.models.load_smollm2``) moved to the device, quantised there
   with ``subpeft.quant.quantize`` (NF4, double quantisation, bf16 compute on CUDA: bitsandbytes' CUDA
   kernels), LoRA r = 8 on every block linear, 5 steps of ``paged_adamw(bits=32)`` under bf16 autocast.
-  Checks: the 4-bit layers' packed weights are on the device, the 4-bit logits are within 15% (relative
-  Frobenius) of the dense model's, the loss falls.
+  Checks: the 4-bit layers' packed weights are on the device, the 4-bit logits are within 30% (relative
+  Frobenius; 14% measured on the CPU) and the loss within 5% of the dense model's, the loss falls.
 - ``bench``: LoRA, DoRA and QLoRA (r = 8, α = 16, dropout 0, the 7 block linears of all 30 blocks) in
   subpeft and in peft, SmolLM2-135M, batch 4 × 512 random tokens, causal-LM loss under bf16 autocast
   (float32 weights and adapters; QLoRA: NF4 + double quantisation, bf16 compute), ``torch.optim.AdamW``.
@@ -28,7 +28,8 @@ status is 1 if any part failed):
 
 ``--cpu-smoke`` runs every part on the CPU with a tiny random Llama instead of SmolLM2 (batch 2 × 16,
 2 timed steps): it checks this script's code paths end to end on a machine without CUDA; its numbers
-mean nothing. ``--junit NAME=PATH`` adds the counts of a pytest JUnit XML file (gpu_check.sh passes
+mean nothing. ``--cpu-smoke --model smollm2`` runs the smoke on SmolLM2 (the real model's loading and
+quantisation paths; about a minute on 2 cores). ``--junit NAME=PATH`` adds the counts of a pytest JUnit XML file (gpu_check.sh passes
 the matrix and bf16 runs) to the JSON.
 """
 
@@ -61,8 +62,9 @@ MIB = 2**20
 
 # -- set-up ------------------------------------------------------------------------------------------
 class Setup:
-    def __init__(self, smoke: bool) -> None:
+    def __init__(self, smoke: bool, model: str | None = None) -> None:
         self.smoke = smoke
+        self.model = model or ("tiny" if smoke else "smollm2")
         self.device = torch.device("cpu" if smoke else "cuda")
         self.cuda = self.device.type == "cuda"
         self.batch, self.seq = (2, 16) if smoke else (4, 512)
@@ -78,7 +80,7 @@ class Setup:
     def dense_cpu(self):
         """The dense float32 base model on the CPU (SmolLM2-135M, or a tiny random Llama with --cpu-smoke)."""
         if self._dense is None:
-            if self.smoke:
+            if self.model == "tiny":
                 from tests.fast.tiny_transformers import tiny_llama
 
                 self._dense = tiny_llama(hidden_size=64, intermediate_size=128)  # blocks of 64 for NF4
@@ -91,7 +93,7 @@ class Setup:
     def folder(self) -> str:
         """A model folder transformers can load (for peft's QLoRA, quantised while loading)."""
         if self._folder is None:
-            if self.smoke:
+            if self.model == "tiny":
                 self._folder = tempfile.mkdtemp(prefix="gpu_bench_tiny_")
                 self.dense_cpu().save_pretrained(self._folder)
             else:
@@ -213,14 +215,18 @@ def part_qlora(s: Setup) -> dict[str, Any]:
     ids = s.ids()
     dense = copy.deepcopy(s.dense_cpu()).to(s.device)
     with torch.no_grad(), s.autocast():
-        ref = dense(input_ids=ids).logits.float()
-    del dense
+        out = dense(input_ids=ids, labels=ids)
+        ref, ref_loss = out.logits.float(), out.loss.item()
+    del dense, out
     model = quantized_on_device(s)
     four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     devices = sorted({str(m.weight.device) for m in four_bit})
     with torch.no_grad(), s.autocast():
-        q = model(input_ids=ids).logits.float()
+        out = model(input_ids=ids, labels=ids)
+        q, q_loss = out.logits.float(), out.loss.item()
+    del out
     rel = ((q - ref).norm() / ref.norm()).item()
+    del q, ref
     tuned = sp.attach(model, lora_config("lora"))
     tuned.train()
     with warnings.catch_warnings():
@@ -229,13 +235,15 @@ def part_qlora(s: Setup) -> dict[str, Any]:
     losses = train_steps(s, tuned, opt, ids, 5)
     store = storage(tuned.model)
     row = {"linear4bit_layers": len(four_bit), "weight_devices": devices, "logits_rel_error_vs_dense": rel,
+           "loss_dense": ref_loss, "loss_4bit": q_loss,
            "optimizer": type(opt).__name__, "losses": losses, "adapter_dtypes": adapter_dtypes(tuned),
            "bytes_per_quantized_param": store["bytes_per_quantized_param"]}
     problems = []
     if not four_bit or devices != [str(torch.device(s.device.type, 0) if s.cuda else s.device)]:
         problems.append(f"4-bit layers {len(four_bit)} on {devices}")
-    if not rel < 0.15:
-        problems.append(f"4-bit logits differ from dense by {rel:.3g} (relative)")
+    # NF4 through 30 blocks: 0.144 on SmolLM2 on the CPU (bitsandbytes' CPU kernels); a broken kernel gives ~1
+    if not rel < 0.3 or not abs(q_loss - ref_loss) < 0.05 * abs(ref_loss):
+        problems.append(f"4-bit logits differ from dense by {rel:.3g} (relative), loss {q_loss:.4f} vs {ref_loss:.4f}")
     if not (all(map(lambda v: v == v, losses)) and losses[-1] < losses[0]):
         problems.append(f"losses {losses}")
     if row["adapter_dtypes"] != ["torch.float32"]:
@@ -336,7 +344,7 @@ def junit_summary(path: str) -> dict[str, Any]:
 def environment(s: Setup) -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
            "device": torch.cuda.get_device_name(0) if s.cuda else f"cpu ({platform.processor() or platform.machine()})",
-           "cpu_smoke": s.smoke}
+           "cpu_smoke": s.smoke, "model": s.model}
     if s.cuda:
         env["cuda"] = torch.version.cuda
     for name in ("transformers", "peft", "bitsandbytes", "accelerate"):
@@ -358,12 +366,14 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--junit", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--parts", default="paged_adamw,qlora,bench")
+    ap.add_argument("--model", choices=("tiny", "smollm2"), default=None,
+                    help="the qlora/bench model (default: smollm2 on CUDA, tiny with --cpu-smoke)")
     args = ap.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_bench: CUDA is not available; use --cpu-smoke", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore", message=".*Mismatch dtype between input and weight.*")
-    s = Setup(args.cpu_smoke)
+    s = Setup(args.cpu_smoke, args.model)
     report: dict[str, Any] = {"environment": environment(s), "parts": {}}
     for item in args.junit:
         name, _, path = item.partition("=")
