@@ -68,7 +68,7 @@ def _run(method: str, case, autocast: bool) -> tuple[list[float], sp.TunedModel]
 
 
 def _relative_spread(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("method,case", CASES_BF16)
@@ -77,7 +77,7 @@ def test_autocast_bf16_training_matches_float32(method, case):
     bf16, tuned = _run(method, case, autocast=True)
     # the float32 run must learn by more than the band, for the comparison to mean something
     assert fp32[0] - fp32[-1] > 2 * (RTOL * abs(fp32[-1]) + ATOL), fp32
-    for step, (b, f) in enumerate(zip(bf16, fp32), start=1):
+    for step, (b, f) in enumerate(zip(bf16, fp32, strict=True), start=1):
         assert abs(b - f) <= RTOL * abs(f) + ATOL, (
             f"step {step}: bf16 loss {b:.6g} vs float32 {f:.6g} (relative {abs(b - f) / abs(f):.3g} > {RTOL:.3g})"
         )
