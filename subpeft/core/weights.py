@@ -170,8 +170,10 @@ def register_weight_access(cls: type, factory: WeightAccessFactory) -> None:
 
 
 def _looks_packed(t: torch.Tensor) -> bool:
-    # bitsandbytes keeps a 4-bit weight's QuantState in the parameter's instance __dict__
-    return getattr(t, "__dict__", {}).get("quant_state") is not None
+    # bitsandbytes keeps a 4-bit weight's QuantState as an instance attribute of the parameter. Plain
+    # getattr, not t.__dict__: torch.compile's Dynamo fails on a tensor's __dict__ (an internal error
+    # in torch 2.13), and DoRA reads the base weight through here inside forward
+    return getattr(t, "quant_state", None) is not None
 
 
 def weight_access(module: Any, name: str = "weight") -> WeightAccess:

@@ -134,7 +134,7 @@ def test_fused_node_gradcheck(same, bias, tokens):
     b = t(4) if bias else None
 
     def f(x, xd, Wt, b, A, B, g):
-        return _DoRALinear.apply(x, x if same else xd, Wt, b, A, B, g, 1.7)
+        return _DoRALinear.apply(x, None if same else xd, Wt, b, A, B, g, 1.7)
 
     args = (x, xd, Wt, b, A, B, g)
     assert torch.autograd.gradcheck(f, args)

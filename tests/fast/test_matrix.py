@@ -16,7 +16,7 @@ import torch
 import subpeft as sp
 from subpeft.core.layer import AdaptedLayer, TrainableCopy
 
-from .tiny_models import CASES
+from .tiny_models import CASES, DEVICE
 
 ATOL = 1e-5
 
@@ -56,7 +56,7 @@ def perturb(tuned: sp.TunedModel, name: str, seed: int, scale: float = 0.1) -> N
         params += list(tuned.shared[name].parameters())
     with torch.no_grad():
         for p in params:
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale)
 
 
 def setup(method: str, case, seed: int = 0, **overrides):
@@ -68,6 +68,17 @@ def setup(method: str, case, seed: int = 0, **overrides):
 
 def out(model, x):
     return model(x)
+
+
+@pytest.mark.parametrize("method,case", MATRIX)
+def test_model_and_adapter_on_the_test_device(method, case):
+    """The matrix runs on SUBPEFT_TEST_DEVICE (tiny_models.DEVICE): attach keeps everything there."""
+    _, tuned, x = setup(method, case)
+    assert x.device == DEVICE
+    tensors = {**dict(tuned.named_parameters()), **dict(tuned.named_buffers())}
+    assert tensors and all(t.device == DEVICE for t in tensors.values()), {
+        n: t.device for n, t in tensors.items() if t.device != DEVICE}
+    assert out(tuned, x).device == DEVICE
 
 
 @pytest.mark.parametrize("method,case", MATRIX)

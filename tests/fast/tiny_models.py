@@ -2,15 +2,28 @@
 
 Each case builds a seeded model, names the modules to adapt, and makes an input. Layer sizes are
 distinct on purpose (d_in ≠ d_out) so that a transposed factor or a swapped side fails loudly.
+
+Models and inputs go to ``DEVICE``: the environment variable ``SUBPEFT_TEST_DEVICE`` (``cpu`` by
+default; ``benchmarks/gpu_check.sh`` runs the matrix with ``cuda``). Weights and inputs are drawn on
+the CPU from the same seeds and then moved, so every device sees the same numbers. On CUDA, TF32 is
+switched off so that float32 keeps the matrix's atol 1e-5.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+DEVICE = torch.device(os.environ.get("SUBPEFT_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError("SUBPEFT_TEST_DEVICE=cuda but torch.cuda.is_available() is False")
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 rounds float32 GEMMs/convs to 10 mantissa bits
+    torch.backends.cudnn.allow_tf32 = False
 
 
 class MLP(nn.Module):
@@ -110,11 +123,11 @@ class Case:
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
-        return self.build()
+        return self.build().to(DEVICE)
 
     def input(self, seed: int = 1) -> torch.Tensor:
         torch.manual_seed(seed)
-        return self.make_input()
+        return self.make_input().to(DEVICE)
 
 
 CASES = [

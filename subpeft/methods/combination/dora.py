@@ -73,12 +73,14 @@ class DoRA(LowRank):
 
 class _DoRALinear(torch.autograd.Function):
     """``y = g ⊙ (x·Wt + s·(xd·Aᵀ)·Bᵀ) + b`` as one node; ``Wt`` is the (d_in, d_out) weight view and
-    ``xd`` the LoRA input (``x`` itself, or its dropout). Saves z (pre-scale output) for ∂L/∂g."""
+    ``xd`` the LoRA input: its dropout, or None for ``x`` itself (not ``x`` twice: torch.compile's Dynamo
+    breaks the graph on an autograd.Function given one tensor in two inputs). Saves z (pre-scale output)
+    for ∂L/∂g."""
 
     @staticmethod
     def forward(ctx, x, xd, Wt, bias, A, B, g, scaling):
         x2 = x.reshape(-1, x.shape[-1])
-        same = xd is x
+        same = xd is None
         xd2 = x2 if same else xd.reshape(-1, xd.shape[-1])
         h = torch.mm(xd2, A.t())
         z = torch.mm(x2, Wt).addmm_(h, B.t(), alpha=scaling)
@@ -205,7 +207,7 @@ class DoRAAdapter(LowRankAdapter):
                     x.requires_grad or A.requires_grad or B.requires_grad or g.requires_grad or W.requires_grad
                 ):
                     return self._infer(x, xd, Wt, layer.bias, g)
-                return _DoRALinear.apply(x, xd, Wt, layer.bias, A, B, g, self.scaling)
+                return _DoRALinear.apply(x, None if xd is x else xd, Wt, layer.bias, A, B, g, self.scaling)
         z = self.add_delta(base(x), x)
         g = g.to(z.dtype)
         bias = getattr(layer, "bias", None) if self.layer_type != "embedding" else None
