@@ -63,17 +63,23 @@ class LowRank(AdapterConfig):
 def _success_positions(n: int, q: float, device: torch.device) -> torch.Tensor:
     """Sorted positions of the successes among ``n`` Bernoulli(q) trials, 0 < q <= 0.5.
 
-    Drawn as geometric gaps between successes (the number of failures before each success is
-    ``floor(log(1 - u) / log(1 - q))``, u uniform in [0, 1) in float64), so the random draws number
-    about ``n·q`` instead of ``n``. Deterministic given torch's RNG state; consumes it."""
-    lg = math.log1p(-q)
+    Drawn as geometric gaps between successes: the number of failures before each success is
+    ``floor(log(1 − u) / log(1 − q))`` with u uniform in [0, 1), so the random draws number about
+    ``n·q`` instead of ``n``. u is float32 for q >= 1e-3 (24 bits: the gap law is exact to ~6e-8;
+    gaps longer than log(2⁻²⁴)/log(1 − q), a chance of 6e-8, are never drawn), float64 below.
+    Deterministic given torch's RNG state; consumes it."""
+    dtype = torch.float32 if q >= 1e-3 else torch.float64
+    inv_lg = 1.0 / math.log1p(-q)
     parts, last = [], -1  # last: the position of the last success so far
     while True:
         mean = (n - last - 1) * q
         m = int(mean + 6.0 * math.sqrt(mean * (1.0 - q)) + 16)  # enough to pass n almost always
-        u = torch.rand(m, dtype=torch.float64, device=device)
-        gaps = torch.log1p(u.neg_()).div_(lg).floor_().clamp_(max=n).to(torch.int64).add_(1)
-        pos = torch.cumsum(gaps, 0).add_(last)
+        gaps = torch.rand(m, dtype=dtype, device=device).neg_().log1p_().mul_(inv_lg)  # >= 0: to() floors
+        if dtype == torch.float64:
+            gaps.clamp_(max=n)
+        gaps = gaps.add_(1).to(torch.int64)
+        gaps[:1].add_(last)
+        pos = torch.cumsum(gaps, 0)
         k = int(torch.searchsorted(pos, n))  # the number of positions below n (pos is increasing)
         parts.append(pos[:k])
         if k < m:
@@ -82,48 +88,62 @@ def _success_positions(n: int, q: float, device: torch.device) -> torch.Tensor:
 
 
 class LowRankDropout(nn.Dropout):
-    """Dropout on the low-rank input: ``x ⊙ noise``, noise = 0 with probability p, 1/(1−p) otherwise.
+    """Dropout on the low-rank input: ``x·1/(1−p)`` with each element set to 0 with probability p.
 
     The same distribution as ``nn.Dropout``, with a cheaper sampler on the CPU: torch draws one
-    random number per element there (about 15 ns each, serially: more than the whole LoRA step on a
-    transformer's activations), this draws about one per dropped element (per kept one when
-    p > 0.5) as geometric gaps. Given the same RNG state, :meth:`noise` returns the same noise to the
-    generic path (``forward``) and to the fused node of :class:`LowRankAdapter`, so both compute the
-    same numbers. Other devices use ``bernoulli_`` (fast there). Under a torch.func transform
-    (vmap, grad), the generic path runs ``F.dropout`` (whose randomness functorch controls).
+    random number per element there (about 15 ns each, serially: for LoRA on every linear of a
+    transformer that alone made a training step ~1.6x as long), this draws the dropped positions
+    as geometric gaps, about one random number per dropped element (per kept one when p > 0.5).
+    Given the same RNG state, :meth:`positions` gives the same positions to every caller. On
+    nn.Linear/Conv1D the low-rank path (generic and fused alike) zeroes them with :meth:`mask` and
+    folds 1/(1−p) into its scale: ``s/(1−p)·B·G·A·mask(x)``, the same function as
+    ``s·B·G·A·dropout(x)``, and a backward that is one sparse fix-up of the input gradient instead of
+    three passes over it. Elsewhere ``forward`` returns ``mask(x)·1/(1−p)``. On other devices,
+    under a torch.func transform (vmap, grad) and for p = 1 it is ``F.dropout`` (and the fused node
+    is not used).
     """
 
-    def noise(self, x: torch.Tensor) -> torch.Tensor:
-        """The multiplicative noise for ``x`` (x's shape and dtype, contiguous); consumes the RNG."""
-        p = float(self.p)
-        if p >= 1.0:
-            return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        scale = 1.0 / (1.0 - p)
-        if x.device.type != "cpu":
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).mul_(scale)
-        n = x.numel()
-        if p <= 0.5:  # draw the dropped positions
-            noise = torch.full(x.shape, scale, dtype=x.dtype, device=x.device)
-            if n:
-                noise.view(-1).index_fill_(0, _success_positions(n, p, x.device), 0.0)
-        else:  # draw the kept ones
-            noise = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-            if n:
-                noise.view(-1).index_fill_(0, _success_positions(n, 1.0 - p, x.device), scale)
-        return noise
+    def sampled(self, x: torch.Tensor) -> bool:
+        """Whether this dropout (in training) uses its own sampler on ``x`` (else F.dropout)."""
+        return x.device.type == "cpu" and 0.0 < self.p < 1.0
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """The flat positions (sorted, int64) of the elements of ``x`` to drop; consumes the RNG."""
+        p, n = float(self.p), x.numel()
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        if p <= 0.5:
+            return _success_positions(n, p, x.device)
+        keep = torch.ones(n, dtype=torch.bool, device=x.device)
+        keep[_success_positions(n, 1.0 - p, x.device)] = False
+        return keep.nonzero().view(-1)
+
+    @staticmethod
+    def mask(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` (contiguous) with the elements at the flat ``positions`` set to 0 (unscaled)."""
+        return x.reshape(-1).index_fill(0, positions, 0.0).view(x.shape)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if functorch_active():
+        if not self.sampled(x) or functorch_active():
             return F.dropout(x, self.p, True, self.inplace)
-        return x.mul_(self.noise(x)) if self.inplace else x * self.noise(x)
+        return self.mask(x, self.positions(x)).mul_(self.scale)
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether a low-rank path may apply this dropout as ``mask`` + a scale folded into its own."""
+        return type(self) is LowRankDropout and self.sampled(x) and not has_hooks(self) and not functorch_active()
 
 
 class FusedLowRankLinear(torch.autograd.Function):
     """``y = x·Wᵀ + b + s·G(xd·Aᵀ)·Bᵀ`` for a plain nn.Linear base layer, as one autograd node.
 
-    ``xd = x ⊙ noise`` (the low-rank input's dropout; ``noise`` None: xd = x); G (``core``) is the
+    ``xd`` is x, or x with the elements at ``drop_at`` set to 0 (:meth:`LowRankDropout.mask`: the
+    dropout, its 1/(1−p) folded into ``scaling`` by the caller, as the generic path does); G (``core``) is the
     identity (None), ``h ⊙ core`` (``diag``: TriLoRA, AdaLoRA) or ``h·coreᵀ`` (FLoRA). Same maths, op
     for op, as the base layer followed by the generic low-rank path, with fewer activation-sized
     tensors: the forward adds the low-rank term into the base output in place (no copy of it), and the
@@ -134,21 +154,21 @@ class FusedLowRankLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, scaling, noise=None, core=None, diag=False):
+    def forward(ctx, x, W, bias, A, B, scaling, drop_at=None, core=None, diag=False):
         x2 = x.reshape(-1, x.shape[-1])
-        xd = x if noise is None else torch.mul(x, noise)
+        xd = x if drop_at is None else LowRankDropout.mask(x, drop_at)
         h = torch.mm(xd.reshape(-1, x.shape[-1]), A.t())  # (N, r)
         m = h if core is None else (h * core if diag else torch.mm(h, core.t()))
         y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
         y.addmm_(m, B.t(), alpha=scaling)
         ctx.scaling, ctx.diag = scaling, diag
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, W, A, B, h, None if core is None else m, noise, None if noise is None else xd, core)
+        ctx.save_for_backward(x, W, A, B, h, None if core is None else m, drop_at, None if drop_at is None else xd, core)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, W, A, B, h, m, noise, xd, core = ctx.saved_tensors
+        x, W, A, B, h, m, drop_at, xd, core = ctx.saved_tensors
         s, diag = ctx.scaling, ctx.diag
         needs = ctx.needs_input_grad  # 6 to 9 entries: the optional inputs may be left out
         need_x, need_W, need_b, need_A, need_B = needs[:5]
@@ -156,10 +176,10 @@ class FusedLowRankLinear(torch.autograd.Function):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         if torch.is_grad_enabled():  # create_graph: the saved activations must be functions of the inputs again
-            xd = None if noise is None else torch.mul(x, noise)
+            xd = None if drop_at is None else LowRankDropout.mask(x, drop_at)
             h = torch.mm(x2 if xd is None else xd.reshape(-1, d_in), A.t())
             m = None if core is None else (h * core if diag else torch.mm(h, core.t()))
-        xd2 = x2 if noise is None else xd.reshape(-1, d_in)
+        xd2 = x2 if drop_at is None else xd.reshape(-1, d_in)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_W = grad_b = grad_A = grad_B = grad_core = None
         need_h = need_x or need_A
@@ -172,10 +192,13 @@ class FusedLowRankLinear(torch.autograd.Function):
                 grad_h = grad_m * core if diag else torch.mm(grad_m, core)
         if need_x:
             grad_x = torch.mm(g, W)
-            if noise is None:
+            if drop_at is None:
                 grad_x.addmm_(grad_h, A)
-            else:  # the dropout's backward (a product with the noise), then the sum with the base's
-                grad_x.add_(torch.mm(grad_h, A).mul_(noise.reshape(-1, d_in)))
+            else:  # base + mask(grad_h·A): add everywhere, then put back base + 0 where the mask is 0
+                flat = grad_x.view(-1)
+                at_dropped = flat.index_select(0, drop_at).add_(0.0)  # + 0: as autograd's sum (-0 + 0 = +0)
+                grad_x.addmm_(grad_h, A)
+                flat.index_copy_(0, drop_at, at_dropped)
             grad_x = grad_x.view(x.shape)
         if need_W:
             grad_W = torch.mm(g.t(), x2)
@@ -287,7 +310,7 @@ class LowRankAdapter(Adapter):
             type(base).forward is nn.Linear.forward
             and x.dtype == W.dtype == A.dtype == B.dtype
             and not has_hooks(base)
-            and (drop is None or not drop.training or (type(drop) is LowRankDropout and not has_hooks(drop)))
+            and (drop is None or not drop.training or drop.p == 0 or drop.fusable(x))
             and not autocast_on(x.device.type)
             and not functorch_active()
         )
@@ -301,10 +324,12 @@ class LowRankAdapter(Adapter):
                 # low-rank term into the base output in place and, in backward, its input gradient into
                 # the base input gradient in place: no extra activation-sized tensors, no extra adds
                 drop = self.dropout
-                noise = drop.noise(x) if drop is not None and drop.training and drop.p > 0 else None
+                drop_at = None
+                if drop is not None and drop.training and drop.p > 0:
+                    drop_at, scaling = drop.positions(x), scaling * drop.scale
                 if core is None:
-                    return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, noise)
-                return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, noise, core[0], core[1])
+                    return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at)
+                return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at, *core)
         return self.add_delta(base(x), x)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -315,13 +340,19 @@ class LowRankAdapter(Adapter):
             h = F.embedding(x, A.t(), base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
                             base_layer.scale_grad_by_freq, base_layer.sparse)
             return y + (self._hidden(h) @ B.t()) * self.scaling
-        h = x if self.dropout is None else self.dropout(x)
+        drop, scaling = self.dropout, None
+        if drop is not None and drop.training and drop.p > 0 and self.layer_type != "conv2d" and drop.fusable(x):
+            # nn.Linear/Conv1D: the dropout's mask here, its 1/(1-p) in the scale (as the fused node)
+            h, scaling = drop.mask(x, drop.positions(x)), drop.scale
+        else:
+            h = x if drop is None else drop(x)
         if h.dtype != A.dtype:
             h = h.to(A.dtype)
         if self.layer_type == "conv2d":
             h = self._hidden(self.base_layer._conv_forward(h, A, None))
             return y + F.conv2d(h, B) * self.scaling
-        A, B, scaling = self.linear_factors()
+        A, B, s = self.linear_factors()
+        scaling = s if scaling is None else s * scaling
         h = self._hidden(F.linear(h, A))
         # one fused GEMM for "y + s·h·Bᵀ"
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype), B.t().to(y.dtype),

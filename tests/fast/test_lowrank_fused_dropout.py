@@ -102,14 +102,17 @@ def test_fused_node_gradcheck_and_double_backward(diag, dropout):
     torch.manual_seed(1)
     shapes = [(3, 2, 4), (5, 4), (5,), (2, 4), (5, 2)]
     args = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
-    noise = LowRankDropout(0.4).noise(args[0]) if dropout else None
+    drop = LowRankDropout(0.4) if dropout else None
+    drop_at = drop.positions(args[0]) if dropout else None
+    if dropout:
+        assert 0 < drop_at.numel() < args[0].numel()
     core = None if diag is None else torch.randn(2 if diag else (2, 2), dtype=torch.float64, requires_grad=True)
     if core is not None:
         args.append(core)
 
     def fn(x, W, b, A, B, *c):
-        return FusedLowRankLinear.apply(x, W, b, A, B, 0.7, noise, *c, bool(diag)) if c else \
-            FusedLowRankLinear.apply(x, W, b, A, B, 0.7, noise)
+        return FusedLowRankLinear.apply(x, W, b, A, B, 0.7, drop_at, *c, bool(diag)) if c else \
+            FusedLowRankLinear.apply(x, W, b, A, B, 0.7, drop_at)
 
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
@@ -120,9 +123,9 @@ def test_dropout_noise_distribution(p):
     drop = LowRankDropout(p)
     x = torch.ones(400, 1000)
     torch.manual_seed(0)
-    noise = drop.noise(x)
+    noise = drop(x)
     torch.manual_seed(0)
-    assert torch.equal(drop.noise(x), noise), "the same RNG state gives the same noise"
+    assert torch.equal(drop(x), noise), "the same RNG state gives the same mask"
     scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
     assert set(noise.unique().tolist()) <= {0.0, scale.item()}
     n = noise.numel()
@@ -135,15 +138,35 @@ def test_dropout_noise_distribution(p):
     both = (flat[1:] * flat[:-1]).mean().item()
     assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n) + 1e-4
     # another draw is another mask
-    assert not torch.equal(drop.noise(x), noise)
+    assert not torch.equal(drop(x), noise)
 
 
 def test_dropout_edge_cases():
     x = torch.randn(5, 3)
     assert torch.equal(LowRankDropout(1.0).train()(x), torch.zeros_like(x))
     assert LowRankDropout(0.3).eval()(x) is x
-    assert LowRankDropout(0.3).train().noise(torch.empty(0, 3)).shape == (0, 3)
+    assert LowRankDropout(0.3).train()(torch.empty(0, 3)).shape == (0, 3)
+    # not contiguous: the same as on a contiguous copy
+    xt = torch.randn(6, 4).t()
+    torch.manual_seed(3)
+    a = LowRankDropout(0.3)(xt)
+    torch.manual_seed(3)
+    assert torch.equal(a, LowRankDropout(0.3)(xt.contiguous()))
     # a draw too short for the tensor continues (the loop), e.g. a single element
     torch.manual_seed(0)
-    vals = torch.cat([LowRankDropout(0.5).noise(torch.ones(1)) for _ in range(200)])
+    vals = torch.cat([LowRankDropout(0.5)(torch.ones(1)) for _ in range(200)])
     assert 50 < (vals == 0).sum().item() < 150
+
+
+def test_fused_node_is_not_used_where_the_dropout_is_torch_s():
+    """p = 1 (and other devices, functorch): F.dropout on the generic path."""
+    tuned = _model("lora", 0.5, torch.float32)
+    for _, a in tuned.adapters_of("default"):
+        a.dropout.p = 1.0
+    tuned.train()
+    x = torch.randn(3, 7)
+    torch.manual_seed(0)
+    y = tuned(x)
+    tuned.eval()
+    y_eval = tuned(x)
+    assert not torch.equal(y, y_eval)
