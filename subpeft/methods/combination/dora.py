@@ -201,13 +201,19 @@ class DoRAAdapter(LowRankAdapter):
                 x.dtype == W.dtype == A.dtype == B.dtype and not has_hooks(layer)
                 and not autocast_on(x.device.type) and not functorch_active()
             ):
-                xd = x if (self.dropout is None or not self.dropout.training) else self.dropout(x)
+                drop, scaling = self.dropout, self.scaling
+                if drop is None or not drop.training or drop.p == 0:
+                    xd = x
+                elif drop.fusable(x):  # as the generic low-rank path: the mask here, 1/(1-p) in the scale
+                    xd, scaling = drop.mask(x, drop.positions(x)), scaling * drop.scale
+                else:
+                    xd = drop(x)
                 Wt = W.t() if self.layer_type == "linear" else W
                 if not torch.is_grad_enabled() or not (
                     x.requires_grad or A.requires_grad or B.requires_grad or g.requires_grad or W.requires_grad
                 ):
-                    return self._infer(x, xd, Wt, layer.bias, g)
-                return _DoRALinear.apply(x, None if xd is x else xd, Wt, layer.bias, A, B, g, self.scaling)
+                    return self._infer(x, xd, Wt, layer.bias, g, scaling)
+                return _DoRALinear.apply(x, None if xd is x else xd, Wt, layer.bias, A, B, g, scaling)
         z = self.add_delta(base(x), x)
         g = g.to(z.dtype)
         bias = getattr(layer, "bias", None) if self.layer_type != "embedding" else None
@@ -236,11 +242,11 @@ class DoRAAdapter(LowRankAdapter):
         c = c.to(z.dtype)
         return torch.addcmul(c, z - c, g)
 
-    def _infer(self, x, xd, Wt, bias, g) -> torch.Tensor:
+    def _infer(self, x, xd, Wt, bias, g, scaling) -> torch.Tensor:
         """No autograd: the same ops as :class:`_DoRALinear`, nothing saved."""
         x2 = x.reshape(-1, x.shape[-1])
         h = torch.mm(xd.reshape(-1, xd.shape[-1]), self.lora_A.t())
-        z = torch.mm(x2, Wt).addmm_(h, self.lora_B.t(), alpha=self.scaling)
+        z = torch.mm(x2, Wt).addmm_(h, self.lora_B.t(), alpha=scaling)
         y = torch.addcmul(bias, z, g) if bias is not None else z.mul_(g)  # bitwise as _DoRALinear
         return y.view(*x.shape[:-1], y.shape[-1])
 

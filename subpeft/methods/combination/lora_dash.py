@@ -112,14 +112,17 @@ class LoRADashAdapter(LowRankAdapter):
         self.dash_phase.fill_(1)
 
     # -- the two views -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         if not self.dashing():
-            return super().forward(x, base)  # plain LoRA (its fused path included)
-        return self.add_delta(base(x), x)
+            return super().linear_factors()  # plain LoRA
+        # LoRA and dash as one rank-(r + s) path: [A; Vh_s] in, [(α/r)·B, U_s·diag(Δσ)] out (the fused
+        # node on nn.Linear and the generic path alike): one dropped input for both terms
+        return (torch.cat([self.lora_A, self.dash_Vh]),
+                torch.cat([self.lora_B * self.scaling, self.dash_U * self.dash_sigma], dim=1), 1.0)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not self.dashing():
-            return super().add_delta(y, x)
+        if not self.dashing() or self.layer_type in ("linear", "conv1d"):
+            return super().add_delta(y, x)  # Linear/Conv1D: through linear_factors()
         U = self.dash_U * self.dash_sigma  # U_s·diag(Δσ), (d_out, s)
         if self.layer_type == "embedding":  # a lookup: no dropout, as LoRA
             return super().add_delta(y, x) + (F.embedding(x, self.dash_Vh.t()) @ U.t()).to(y.dtype)
@@ -127,16 +130,11 @@ class LoRADashAdapter(LowRankAdapter):
         h = x if self.dropout is None else self.dropout(x)  # one dropped input for both terms
         if h.dtype != A.dtype:
             h = h.to(A.dtype)
-        # LoRA and dash as one rank-(r + s) path: [A; Vh_s] in, [(α/r)·B, U_s·diag(Δσ)] out
-        if self.layer_type == "conv2d":
-            inner = torch.cat([A, self.dash_Vh.view(-1, *A.shape[1:])])
-            hid = self.base_layer._conv_forward(h, inner, None)
-            outer = torch.cat([B * self.scaling, U[:, :, None, None]], dim=1)
-            return y + F.conv2d(hid, outer).to(y.dtype)
-        hid = F.linear(h, torch.cat([A, self.dash_Vh]))
-        outer = torch.cat([B * self.scaling, U], dim=1).to(y.dtype)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), hid.reshape(-1, hid.shape[-1]).to(y.dtype), outer.t())
-        return out.view(y.shape)
+        # Conv2d: [A; Vh_s] as one kernel, [(α/r)·B, U_s·diag(Δσ)] as one 1×1 kernel
+        inner = torch.cat([A, self.dash_Vh.view(-1, *A.shape[1:])])
+        hid = self.base_layer._conv_forward(h, inner, None)
+        outer = torch.cat([B * self.scaling, U[:, :, None, None]], dim=1)
+        return y + F.conv2d(hid, outer).to(y.dtype)
 
     def delta_2d(self) -> torch.Tensor:
         delta = super().delta_2d()

@@ -286,11 +286,8 @@ class AdaLoRAAdapter(LowRankAdapter):
     def peft_compatible(self) -> bool:
         return True  # PEFT's AdaLoRA Conv2d reshapes the base kernel's own geometry, dilation included
 
-    def middle(self, h: torch.Tensor) -> torch.Tensor:
-        return h * self.lora_E[:, 0]
-
-    def middle_matrix(self) -> torch.Tensor:
-        return torch.diag(self.lora_E[:, 0])
+    def core(self) -> tuple[torch.Tensor, bool]:
+        return self.lora_E[:, 0], True  # diag(λ)
 
     def optional_keys(self) -> set[str]:
         """Saved state that Hugging Face PEFT's files lack: absent from a file, it keeps its initial value."""

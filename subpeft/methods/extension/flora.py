@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...core.registry import register
@@ -45,15 +44,8 @@ class FLoRAAdapter(LowRankAdapter):
             nn.init.normal_(self.lora_B, std=0.02)
         self.lora_G = nn.Parameter(torch.zeros(config.r, config.r, **kw))
 
-    def middle(self, h: torch.Tensor) -> torch.Tensor:
-        # G·h on the rank dimension (the last). Conv2d hands h channels-last as a strided view: on such
-        # a view matmul takes a different kernel depending on whether G requires grad, so a frozen
-        # (loaded) adapter would differ from the trained one in the last bit; contiguous() avoids that
-        # (a copy of r channels only, no-op for Linear/Conv1D/Embedding)
-        return F.linear(h.contiguous(), self.lora_G)
-
-    def middle_matrix(self) -> torch.Tensor:
-        return self.lora_G
+    def core(self) -> tuple[torch.Tensor, bool]:
+        return self.lora_G, False  # a full r×r core
 
     @classmethod
     def num_params(cls, config: LowRank, base_layer: nn.Module, layer_type: str) -> int:

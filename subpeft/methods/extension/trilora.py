@@ -41,11 +41,8 @@ class TriLoRAAdapter(LowRankAdapter):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         self.lora_e = nn.Parameter(torch.zeros(config.r, **kw))
 
-    def middle(self, h: torch.Tensor) -> torch.Tensor:
-        return h * self.lora_e
-
-    def middle_matrix(self) -> torch.Tensor:
-        return torch.diag(self.lora_e)
+    def core(self) -> tuple[torch.Tensor, bool]:
+        return self.lora_e, True  # diag(e)
 
     @classmethod
     def num_params(cls, config: LowRank, base_layer: nn.Module, layer_type: str) -> int:
