@@ -100,12 +100,13 @@ class LowRankDropout(nn.Dropout):
     ``s·B·G·A·dropout(x)``, and a backward that is one sparse fix-up of the input gradient instead of
     three passes over it. Elsewhere ``forward`` returns ``mask(x)·1/(1−p)``. On other devices,
     under a torch.func transform (vmap, grad) and for p = 1 it is ``F.dropout`` (and the fused node
-    is not used).
+    is not used); under ``torch.compile`` too.
     """
 
     def sampled(self, x: torch.Tensor) -> bool:
-        """Whether this dropout (in training) uses its own sampler on ``x`` (else F.dropout)."""
-        return x.device.type == "cpu" and 0.0 < self.p < 1.0
+        """Whether this dropout (in training) uses its own sampler on ``x`` (else F.dropout; also under
+        ``torch.compile``, whose graphs cannot hold the sampler's data-dependent sizes)."""
+        return x.device.type == "cpu" and 0.0 < self.p < 1.0 and not torch.compiler.is_compiling()
 
     def positions(self, x: torch.Tensor) -> torch.Tensor:
         """The flat positions (sorted, int64) of the elements of ``x`` to drop; consumes the RNG."""
