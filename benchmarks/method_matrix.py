@@ -444,11 +444,15 @@ def worker(args) -> None:
         res = {"memory": {}, "failed": {}}
         for c in group["contenders"]:
             try:
+                # a trial step on a separate copy first: it must run, and the process's one-time costs (lazy
+                # kernels, thread pools, the autograd engine) are paid before anything is measured
                 train_step_fn(c, c.build(base), ids, mask, labels)()
-            except Exception as exc:
+                res["memory"][c.name] = measure_memory(c, base, ids, mask, labels, max(args.warmup, 1),
+                                                       args.mem_repeats)
+            except Exception as exc:  # reported (the time worker reports it too), not fatal
                 res["failed"][c.name] = f"{type(exc).__name__}: {exc}"
+                _trim()
                 continue
-            res["memory"][c.name] = measure_memory(c, base, ids, mask, labels, max(args.warmup, 1))
             if not args.quiet:
                 print(f"[memory] {c.name}: {res['memory'][c.name]}", flush=True)
     with open(args.result, "w") as f:
@@ -477,7 +481,7 @@ def spawn(group: str, mode: str, args, env_extra: dict | None = None) -> dict:
         path = tmp.name
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--group", group, "--result", path,
            "--threads", str(args.threads), "--warmup", str(args.warmup), "--reps", str(args.reps),
-           "--reps-infer", str(args.reps_infer)]
+           "--reps-infer", str(args.reps_infer), "--mem-repeats", str(args.mem_repeats)]
     if args.quiet:
         cmd.append("--quiet")
     if args.tiny is not None:
@@ -654,11 +658,15 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="torch threads (default 1: steadier than 2 on a shared machine, see lora_speed.py)")
     ap.add_argument("--groups", default="", help="comma-separated group names (default: all)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory workers")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 2 rounds, 4 small groups")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (~2 min): 2 small groups, no extra warm-up, 2 rounds, 1 memory step")
     ap.add_argument("--out", default="benchmarks/results/method_matrix.json")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--mem-repeats", type=int, default=3, help="measured steps per contender for memory (median)")
     ap.add_argument("--from-parts", default=None, metavar="DIR",
                     help="measure nothing: rebuild the results from the workers' kept files in DIR")
+    ap.add_argument("--update", default=None, metavar="JSON",
+                    help="re-run --groups and replace them in the results file JSON (the other groups are kept)")
     ap.add_argument("--table", default=None, metavar="JSON", help="print the README table of a results file")
     ap.add_argument("--tiny", type=int, default=None, help=argparse.SUPPRESS)  # a tiny random BERT (tests)
     ap.add_argument("--worker", choices=("time", "memory"), default=None, help=argparse.SUPPRESS)
@@ -673,10 +681,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(markdown(json.load(f)))
         return None
     if args.quick:
-        args.reps, args.reps_infer, args.warmup = 2, 2, 1
+        args.reps, args.reps_infer, args.warmup, args.mem_repeats = 2, 2, 0, 1
     all_groups = groups()
     names = [g for g in args.groups.split(",") if g] or (
-        ["peft_lowrank_qv", "peft_scales", "nopeft_lowrank_qv"] if args.quick else list(all_groups))
+        ["peft_scales", "nopeft_unipelt_bitfit"] if args.quick else list(all_groups))
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
     print(json.dumps(info, indent=1), flush=True)
@@ -702,17 +710,29 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "error" in res:
             print(f"  {res['error']}", flush=True)
             continue
-        rows += evaluate(name, all_groups[name], res)
         res["configs"] = {c.name: c.config for c in all_groups[name]["contenders"]}
+        res["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         for r in evaluate(name, all_groups[name], res):
             print(f"  {r['kind']:<44} {r['a']:<36} / {r['b']:<30} "
                   f"{r.get('of_medians', r.get('ratio_total', float('nan'))):>7.3f}  {r['goal']:<22} {r['status']}",
                   flush=True)
     if hasattr(os, "getloadavg"):
         info["load_average_at_end"] = list(os.getloadavg())
+    command = " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None else argv
+    previous = None
+    if args.update:
+        with open(args.update) as f:
+            previous = json.load(f)
+        previous.setdefault("updates", []).append({"command": command, "groups": list(results), "machine": info,
+                                                   "wall_s": round(time.perf_counter() - t_start, 1)})
+        results = {**previous["groups"], **results}
+    results = {n: results[n] for n in all_groups if n in results}  # the groups' own order
+    for name, res in results.items():
+        if "error" not in res:
+            rows += evaluate(name, all_groups[name], res)
     result = {
         "benchmark": "method_matrix",
-        "command": " ".join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None else argv,
+        "command": command,
         "machine": info,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "setup": {
@@ -735,6 +755,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "summary": {"met": sum(r["status"] == "met" for r in rows), "missed": sum(r["status"] == "missed" for r in rows),
                     "params_mismatch": [r["a"] for r in rows if r.get("params_match") is False]},
     }
+    if previous is not None:  # keep the original run's command, machine and setup; the update is listed
+        result = {**previous, "groups": results, "rows": rows, "summary": result["summary"]}
     print(f"\nsummary: {result['summary']}; wall {result['wall_s']} s; load {info.get('load_average_at_end')}")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
