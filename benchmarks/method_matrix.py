@@ -1,8 +1,8 @@
 """Speed and memory matrix: every registered subpeft method on MiniLM, against peft where peft has the method.
 
-    python benchmarks/method_matrix.py            # full run (~20 min on 2 shared cores, 1 thread) -> results/method_matrix.json
+    python benchmarks/method_matrix.py            # full run (33 min here at load 2-5, 1 thread) -> results/method_matrix.json
     python benchmarks/method_matrix.py --quick    # smoke run (~2 min), not a measurement
-    python benchmarks/method_matrix.py --groups peft_lowrank_qv,scales_peft --reps 6
+    python benchmarks/method_matrix.py --groups peft_lowrank_qv,peft_scales --update benchmarks/results/method_matrix.json
 
 Model and input as ``lora_speed.py`` (whose helpers this script imports): all-MiniLM-L6-v2 with a fresh
 3-label head, batch 16 x 128 random token ids (seed 0), full attention mask, random labels.
@@ -587,7 +587,7 @@ def markdown(result: dict) -> str:
     by_a: dict[str, dict] = {}
     order: list[str] = []
     for r in rows:
-        key = r["a"].removesuffix(" unmerged").removesuffix(" merged")
+        key = (r["group"], r["a"].removesuffix(" unmerged").removesuffix(" merged"))  # a name can recur in groups
         if key not in by_a:
             by_a[key] = {"group": r["group"]}
             order.append(key)
@@ -616,13 +616,12 @@ def markdown(result: dict) -> str:
         return s
 
     lines = [
-        "| contender | vs | train ms (vs) | train ratio: of medians (paired median [q1, q3]) (goal) | peak MiB subpeft / peft (goal ≤ peft) | "
+        "| group | contender | vs | train ms (vs) | train ratio: of medians (paired median [q1, q3]) (goal) | peak MiB subpeft / peft (goal ≤ peft) | "
         "unmerged ÷ base (goal ≤ 1.10 low-rank) | merged ÷ base (goal = 1 within noise) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for key in order:
-        d = by_a[key]
-        g = d["group"]
+    for g, key in order:
+        d = by_a[(g, key)]
         tr = d.get("train: subpeft / peft") or d.get("train: method / subpeft LoRA, same targets")
         vs = tr["b"] if tr else ""
         mem = d.get("peak memory")
@@ -631,10 +630,10 @@ def markdown(result: dict) -> str:
         else:
             mem_s = cell(mem)
         if "runs" in d:
-            lines.append(f"| {key} | | {cell(d['runs'])} | | | | |")
+            lines.append(f"| {g} | {key} | | {cell(d['runs'])} | | | | |")
             continue
         lines.append(
-            f"| {key} | {vs} | {med(g, 'train', key)} ({med(g, 'train', vs) if vs else '–'}) | "
+            f"| {g} | {key} | {vs} | {med(g, 'train', key)} ({med(g, 'train', vs) if vs else '–'}) | "
             f"{cell(tr)} | {mem_s} | {cell(d.get('infer: unmerged / base'))} | "
             f"{cell(d.get('infer: merged / base'))} |"
         )
