@@ -193,11 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
         "markdown": table,
     }
     if args.out:
+        from subpeft.training.files import write_json  # atomic: a cut run leaves the old file
+
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 

@@ -446,11 +446,10 @@ def main(argv: list[str] | None = None) -> dict:
         info["load_average_at_end"] = list(os.getloadavg())
         print(f"load average (1, 5, 15 min) at start {info['load_average_at_start']}, at end {info['load_average_at_end']}")
     if args.out:
+        from subpeft.training.files import write_json  # atomic: a cut run leaves the old file
+
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, result)
         print(f"\nwrote {args.out}")
     return result
 

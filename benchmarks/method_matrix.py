@@ -769,11 +769,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         result = {**previous, "groups": results, "rows": rows, "summary": result["summary"]}
     print(f"\nsummary: {result['summary']}; wall {result['wall_s']} s; load {info.get('load_average_at_end')}")
     if args.out:
+        from subpeft.training.files import write_json  # atomic: a cut run leaves the old file
+
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 
