@@ -274,3 +274,33 @@ def test_embedding_with_max_norm_is_refused():
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
     with pytest.raises(sp.UnsupportedLayerError, match="max_norm"):
         sp.attach(model, DiffPruning(targets=["0"]))
+
+
+def test_merge_in_training_mode_uses_the_deterministic_gate():
+    """A merge (or analysis) while the model is in training mode must not bake in one random draw of the gates:
+    it wrote a sampled z ⊙ w into W (outputs off by 6e-4 on a tiny BERT) before delta_weight() took the
+    deterministic gate by default."""
+    from .tiny_transformers import batch, tiny_bert
+
+    torch.manual_seed(0)
+    tuned = sp.attach(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                      sp.DiffPruning(targets=["query", "value"]))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "diff" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if "log_alpha" in name:
+                p.copy_(torch.randn_like(p) * 2)
+    tuned.eval()
+    inputs = batch()
+    expected = tuned(**inputs).logits
+    tuned.train()
+    tuned.merge()
+    tuned.eval()
+    torch.testing.assert_close(tuned(**inputs).logits, expected, atol=1e-6, rtol=0)
+    tuned.unmerge()
+    tuned.train()
+    torch.manual_seed(1)
+    a = tuned(**inputs).logits
+    torch.manual_seed(2)
+    assert not torch.equal(a, tuned(**inputs).logits)  # training forwards still sample the gates

@@ -135,10 +135,10 @@ class DiffPruningAdapter(Adapter):
     def is_sparse(self) -> bool:
         return "values" in self._parameters
 
-    def gate(self) -> torch.Tensor:
-        """z: a hard-concrete sample in training mode, the deterministic gate in eval mode."""
+    def gate(self, sample: bool | None = None) -> torch.Tensor:
+        """z: a hard-concrete sample (``sample``; by default in training mode), else the deterministic gate."""
         c, log_alpha = self.config, self.log_alpha
-        if self.training:
+        if self.training if sample is None else sample:
             u = torch.rand_like(log_alpha).clamp_(1e-6, 1 - 1e-6)
             s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / c.beta)
         else:
@@ -156,17 +156,19 @@ class DiffPruningAdapter(Adapter):
         return self.config.l0_weight * self.expected_l0()
 
     # -- the two views of φ --------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """z ⊙ w (dense form; the gate sampled in training mode) or the scattered kept values."""
+    def delta_weight(self, sample: bool = False) -> torch.Tensor:
+        """z ⊙ w (dense form) or the scattered kept values. The deterministic gate unless ``sample`` (a
+        training forward's draw): a merge, an analysis or finalize() in training mode must not bake in one
+        random draw of the gates."""
         if self.is_sparse:
             shape = weight_shape(self.base_layer)
             flat = self.values.new_zeros(shape.numel()).index_add(0, self.indices, self.values)
             return flat.view(shape)
-        return self.gate() * self.diff
+        return self.gate(sample) * self.diff
 
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
         y = base(x)
-        layer, delta = self.base_layer, self.delta_weight()
+        layer, delta = self.base_layer, self.delta_weight(sample=self.training)
         if self.layer_type == "embedding":
             return y + F.embedding(x, delta, layer.padding_idx, None, 2.0, layer.scale_grad_by_freq).to(y.dtype)
         delta = delta.to(x.dtype)
@@ -180,9 +182,7 @@ class DiffPruningAdapter(Adapter):
     @torch.no_grad()
     def sparsify(self, config: DiffPruning) -> None:
         """Keep the k largest |z ⊙ w| (eval gate) as ``values``/``indices``; drop w and log α."""
-        training, self.training = self.training, False
         delta = self.delta_weight().flatten()
-        self.training = training
         k = kept_count(config.budget, delta.numel())
         indices = torch.topk(delta.abs(), k, sorted=False).indices.sort().values
         requires_grad = self.diff.requires_grad
