@@ -40,6 +40,7 @@ from lora_speed import (  # noqa: E402
     print_table,
     ratio,
     run_interleaved,
+    save_result,
     summarize,
     train_step_fn,
     trainable,
@@ -193,11 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "markdown": table,
     }
     if args.out:
-        from subpeft.training.files import write_json  # atomic: a cut run leaves the old file
-
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
+        save_result(args.out, result)
     return result
 
 

@@ -268,6 +268,16 @@ def machine_info(threads: int) -> dict:
     }
 
 
+def save_result(out: str, result: dict) -> None:
+    """Write a benchmark's result as JSON to ``out`` (its folder made if needed), atomically: a run cut short
+    leaves the earlier file."""
+    from subpeft.training.files import write_json
+
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    write_json(out, result)
+    print(f"\nwrote {out}")
+
+
 def print_table(title: str, stats: dict, ref: str | None) -> None:
     print(f"\n{title}")
     head = f"{'contender':<34}{'median ms':>11}{'q1':>9}{'q3':>9}{'IQR':>8}{'min':>9}"
@@ -446,11 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         info["load_average_at_end"] = list(os.getloadavg())
         print(f"load average (1, 5, 15 min) at start {info['load_average_at_start']}, at end {info['load_average_at_end']}")
     if args.out:
-        from subpeft.training.files import write_json  # atomic: a cut run leaves the old file
-
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        write_json(args.out, result)
-        print(f"\nwrote {args.out}")
+        save_result(args.out, result)
     return result
 
 

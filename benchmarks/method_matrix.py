@@ -62,6 +62,7 @@ from lora_speed import (  # noqa: E402
     machine_info,
     ratio,
     run_interleaved,
+    save_result,
     summarize,
     trainable,
 )
@@ -769,11 +770,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         result = {**previous, "groups": results, "rows": rows, "summary": result["summary"]}
     print(f"\nsummary: {result['summary']}; wall {result['wall_s']} s; load {info.get('load_average_at_end')}")
     if args.out:
-        from subpeft.training.files import write_json  # atomic: a cut run leaves the old file
-
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
+        save_result(args.out, result)
     return result
 
 
