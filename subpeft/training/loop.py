@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.io import write_atomic
 from .batches import (  # noqa: F401 - iter_batches, predict_logits, evaluate_accuracy: also reachable here
     DEFAULT_MAX_LENGTH,
     _collate,
@@ -284,20 +285,11 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save
 
     payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(path, save(payload, metadata=metadata))
+    write_atomic(path, save(payload, metadata=metadata))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -554,7 +546,7 @@ class Trainer:
                 "processes": self.world,
                 "rng_ranks": [m for _, m in rngs[1:]],
             }
-            _atomic_write(tmp / STATE_NAME, (json.dumps(doc) + "\n").encode())
+            write_atomic(tmp / STATE_NAME, json.dumps(doc) + "\n")
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
@@ -742,9 +734,10 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         state.seconds += time.perf_counter() - start
-        spd.check_consistent(model, "the trained tensors")
         if self.out_dir is not None and args.keep_checkpoint:
-            self.save_checkpoint()
+            self.save_checkpoint()  # which first checks that the ranks agree
+        else:
+            spd.check_consistent(model, "the trained tensors")
         if args.load_best_at_end and state.best_step is not None and state.best_step != state.global_step:
             if self.best_dir is None:
                 raise ValueError("load_best_at_end needs an output folder (the best adapter is kept there)")
