@@ -279,7 +279,8 @@ class AdaLoRAAdapter(LowRankAdapter):
         if self.layer_type != "conv2d":
             return super().add_delta(y, x)
         A = self.lora_A.view(-1, *self.base_layer.weight.shape[1:])  # PEFT's 2-D factors as kernels
-        h = (x if self.dropout is None else self.dropout(x)).to(A.dtype)
+        drop = self.input_dropout()
+        h = (x if drop is None else drop(x)).to(A.dtype)
         h = self._hidden(self.base_layer._conv_forward(h, A, None))
         return y + F.conv2d(h, self.lora_B[:, :, None, None]) * self.scaling
 
