@@ -7,10 +7,12 @@ Built on the :class:`~subpeft.methods.extension.lora.LowRank` mechanism (G = dia
 
 Two training-time hooks do the rest; nothing else has to be called:
 
-- ``tuned.regularization()`` adds ``orth_reg·mean_layers(‖Q·Qᵀ − I‖_F + ‖Pᵀ·P − I‖_F)`` (plain, not
-  squared, norms; plus the MPC terms if configured). PEFT divides the same sum by the number of factor
-  *matrices* (2 per layer), so ``orth_reg = c`` here is PEFT's ``orth_reg_weight = 2c``; the PEFT
-  conversions translate, so both libraries add the same loss.
+- ``tuned.regularization()`` adds ``orth_reg·(Σ_layers ‖Q·Qᵀ − I‖_F + ‖Pᵀ·P − I‖_F) / (2·n_layers)``
+  (plain, not squared, norms, averaged over the 2·n factor *matrices*; plus the MPC terms if
+  configured): PEFT's and the reference code's formula, so ``orth_reg`` is exactly PEFT's
+  ``orth_reg_weight`` (default 0.5, PEFT's default; the reference GLUE recipes use 0.1) and the
+  PEFT conversions copy it unchanged. (Before this, ``orth_reg = c`` averaged over layers and meant
+  PEFT's ``2c``; a config saved then keeps its number, so it now asks for half the old penalty.)
 - ``tuned.step(global_step)``, after each optimizer step and before ``zero_grad`` (it reads ``.grad``;
   with no gradient at all it raises), runs the allocator over all layers of the adapter: per entry of
   P, λ, Q the sensitivity I = |p·∇p|, EMAs Ī ← β₁Ī + (1−β₁)I and Ū ← β₂Ū + (1−β₂)|I − Ī| (new Ī), and
@@ -63,7 +65,7 @@ _STATE = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B")
 @dataclass
 class AdaLoRA(LowRank):
     """AdaLoRA. ``sp.AdaLoRA(r=12, target_r=8, alpha=8, total_steps=..., init_warmup=0, final_warmup=0,
-    mask_interval=1, beta1=0.85, beta2=0.85, orth_reg=0.1, dropout=0.0, mpc=None)``.
+    mask_interval=1, beta1=0.85, beta2=0.85, orth_reg=0.5, dropout=0.0, mpc=None)``.
 
     ``total_steps`` (optimizer steps of the run) is required to attach: the budget schedule ends at
     ``total_steps - final_warmup``. ``rank_pattern`` (module name → kept flags over the r triplets)
@@ -81,7 +83,7 @@ class AdaLoRA(LowRank):
     total_steps: int | None = None
     beta1: float = 0.85
     beta2: float = 0.85
-    orth_reg: float = 0.1
+    orth_reg: float = 0.5  # PEFT's orth_reg_weight (same formula, same default)
     rank_pattern: dict[str, list[bool]] | None = None
 
     def validate(self) -> None:
@@ -143,7 +145,7 @@ class AdaLoRA(LowRank):
             "peft_type": "ADALORA", "task_type": None, "init_r": self.r, "target_r": self.target_r,
             "lora_alpha": self.alpha, "lora_dropout": self.dropout, "tinit": self.init_warmup,
             "tfinal": self.final_warmup, "deltaT": self.mask_interval, "total_step": self.total_steps,
-            "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": 2 * self.orth_reg, "rank_pattern": pattern,
+            "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg, "rank_pattern": pattern,
             "target_modules": self.targets, "exclude_modules": self.exclude, "modules_to_save": self.modules_to_save,
             "bias": "none", "fan_in_fan_out": "conv1d" in layer_types, "init_lora_weights": True,
             "inference_mode": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
@@ -180,7 +182,7 @@ class AdaLoRA(LowRank):
             init_warmup=peft_int(data, "tinit", 0), final_warmup=peft_int(data, "tfinal", 0),
             mask_interval=peft_int(data, "deltaT", 1), total_steps=peft_int(data, "total_step", None),
             beta1=peft_number(data, "beta1", 0.85), beta2=peft_number(data, "beta2", 0.85),
-            orth_reg=peft_number(data, "orth_reg_weight", 0.5) / 2, rank_pattern=pattern,
+            orth_reg=peft_number(data, "orth_reg_weight", 0.5), rank_pattern=pattern,
             targets=targets, exclude=data.get("exclude_modules"), modules_to_save=data.get("modules_to_save"),
         )
 
@@ -206,7 +208,8 @@ class AdaLoRAInstance(LayerInstance):
         terms = [t for t in (a.regularization() for a in adapters) if t is not None]  # MPC, if configured
         if config.orth_reg > 0:
             dev = first.lora_A.device
-            terms.append(config.orth_reg * torch.stack([a.orthogonality().to(dev) for a in adapters]).mean())
+            # the mean over the 2·n factor matrices, as PEFT: orth_reg = PEFT's orth_reg_weight
+            terms.append(config.orth_reg / 2 * torch.stack([a.orthogonality().to(dev) for a in adapters]).mean())
         return torch.stack(terms).sum() if terms else None
 
     @torch.no_grad()
