@@ -467,9 +467,25 @@ def method_config(spec: RunSpec, model: nn.Module | None, task: Task | PairTask,
     if "total_steps" in fields and options.get("total_steps") is None:
         options["total_steps"] = steps
     try:
-        return config_from_dict({"method": spec.method, **options})
+        config = config_from_dict({"method": spec.method, **options})
+        # schedules given as a fraction of the run (or left to a run-length default) become optimizer steps
+        resolve = getattr(config, "resolve_schedule", None)
+        return resolve(steps) if callable(resolve) else config
     except (ConfigError, TypeError) as exc:
         raise UsageError(f"method option of {spec.method} (--set/--config): {exc}", "options") from None
+
+
+def method_schedule(spec: RunSpec, config: Any, steps: int) -> dict[str, Any]:
+    """The method's schedule options as the run resolved them, for metrics.json and train.log:
+    ``{"run_steps": steps, option: {"given": what the spec said (None: the default), "steps": resolved}}``;
+    {} for a method without schedule options."""
+    names = getattr(config, "schedule_options", ())
+    if not names:
+        return {}
+    out: dict[str, Any] = {"run_steps": steps}
+    for name in names:
+        out[name] = {"given": spec.options.get(name), "steps": getattr(config, name)}
+    return out
 
 
 def check_method_options(spec: RunSpec, task: Task | PairTask, steps: int) -> None:
@@ -637,6 +653,13 @@ def train_run(
     family, kind = method_family(spec.method)
     log(f"model  {model_name(spec, task)} + {spec.method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.3f}%)")
+    schedule = {}
+    if hasattr(model, "configs") and getattr(model, "active_adapter", None):
+        schedule = method_schedule(spec, model.configs[model.active_adapter], steps)
+    if schedule:
+        log("method schedule: " + ", ".join(
+            f"{k} {v['steps']}" + ("" if v["given"] is None or v["given"] == v["steps"] else f" (given {v['given']!r})")
+            for k, v in schedule.items() if k != "run_steps") + f" of {steps} optimizer steps")
     trainer = args = None
     if spec.method != "untrained":
         args = spec.train_args(steps, heads, progress=progress)
@@ -725,11 +748,14 @@ def train_run(
                 train_loss_first=state.tail_loss(first=True),
                 train_loss_last=state.tail_loss(),
                 regularization_last=state.regularization[-1] if state.regularization else 0.0,
+                events=state.events,  # the method's phase events (also in train.log)
             )
             if state.evals:
                 metrics["dev"] = {"best_step": state.best_step, "best": state.best_score, "history": state.evals}
         if hasattr(model, "configs") and getattr(model, "active_adapter", None):
             metrics["config"] = model.configs[model.active_adapter].to_dict()
+        if schedule:
+            metrics["schedule"] = schedule  # the method's step options as this run resolved them
         metrics["wall_seconds"] = time.perf_counter() - wall
         if spec.processes > 1:
             metrics["processes"], metrics["strategy"] = spec.processes, spec.strategy or "ddp"

@@ -225,6 +225,7 @@ class TrainState:
     best_score: float | None = None
     best_step: int | None = None
     seconds: float = 0.0  # training time over all sessions of the run
+    events: list[dict[str, Any]] = field(default_factory=list)  # the methods' phase events (subpeft.methods.events)
 
     def tail_loss(self, first: bool = False) -> float:
         """Mean task loss over the first (or last) 10% of steps."""
@@ -704,6 +705,7 @@ class Trainer:
                 self.scheduler.step()
                 state.global_step += 1
                 hooks.step(state.global_step)  # gradients are still there (AdaLoRA reads them)
+                self._record_events(hooks)
                 self.optimizer.zero_grad(set_to_none=True)
                 state.losses.append(task_loss)
                 state.regularization.append(reg_value)
@@ -747,7 +749,16 @@ class Trainer:
         if args.finalize:
             hooks.finalize()
             spd.check_consistent(model, "the finalized tensors")  # e.g. Diff pruning's top-k, on every rank
+            self._record_events(hooks)
         return state
+
+    def _record_events(self, hooks: TrainingHooks) -> None:
+        """Keep the methods' phase events in the state (saved with checkpoints) and log one line each."""
+        for event in hooks.events():
+            if event.get("step") is None:
+                event["step"] = self.state.global_step
+            self.state.events.append(event)
+            self.log(f"step {event['step']}: {event['method']} {event['event']}: {event['summary']}")
 
 
 # --------------------------------------------------------------------------- a classifier from texts
