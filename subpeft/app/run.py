@@ -585,6 +585,85 @@ def stored_spec(out: str | os.PathLike, given: dict[str, Any], processes: int = 
     return stored
 
 
+#: relative_delta below this: the run "barely moved" its weights (a warning in the run's output)
+BARELY_MOVED = 1e-4
+
+
+def _adapter_movement(model: nn.Module) -> tuple[float, int] | str | None:
+    """(‖ΔW‖_F / ‖W‖_F over every weight the active adapter changes, how many tensors), or None when the adapter
+    has no weight form (not mergeable), or why not (merged; the adapted tensors are all zero). Both norms are totals over the adapted layers
+    (sqrt of the sums of squares). ΔW is ``delta_weight()`` for additive methods, else ``merged_params()``
+    minus the base tensors (which also covers BitFit's biases and LayerNorm tuning's weights)."""
+    from ..core.adapter import Adapter
+    from ..core.layers import base_weight
+
+    name = getattr(model, "active_adapter", None)
+    if not name or not hasattr(model, "adapters_of") or not model.configs[name].mergeable:
+        return None
+    layers = dict(model.adapted_layers())
+    moved = size = 0.0
+    count = 0
+    with torch.no_grad():
+        for layer_name, adapter in model.adapters_of(name):
+            layer = layers[layer_name]
+            if name in layer.merged:
+                return "the adapter is merged"
+            base = layer.base_layer
+            if type(adapter).merged_params is Adapter.merged_params:
+                pairs = [(adapter.delta_weight(), base_weight(base))]
+            else:
+                merged = adapter.merged_params()
+                pairs = [(merged[k].float() - (base_weight(base) if k == "weight" else getattr(base, k)).float(),
+                          base_weight(base) if k == "weight" else getattr(base, k)) for k in merged]
+            for delta, old in pairs:
+                moved += float(delta.detach().float().pow(2).sum())
+                size += float(old.detach().float().pow(2).sum())
+                count += 1
+    if count == 0:
+        return "the adapter changes no weight"
+    if size == 0.0:
+        return "the adapted tensors are all zero in the base model (e.g. zero biases): no scale to compare with"
+    return math.sqrt(moved) / math.sqrt(size), count
+
+
+def _trained_tensors(spec: RunSpec, model: nn.Module) -> list[torch.Tensor]:
+    """What a run without a weight delta trains: the adapter's own tensors (its head copies aside), or for the
+    baselines every trainable parameter."""
+    name = getattr(model, "active_adapter", None)
+    if name and hasattr(model, "instances"):
+        return list(model.instances[name].parameters())
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def movement(spec: RunSpec, model: nn.Module, start: list[torch.Tensor] | None) -> tuple[dict[str, Any] | None, str]:
+    """metrics.json's ``"movement"``: ``{"relative_delta", "barely_moved", "what"}``, or (None, why not).
+
+    Weight-space methods: ‖ΔW‖_F / ‖W‖_F over the adapted weights (:func:`_adapter_movement`). Methods without
+    a weight delta (prompts, adapters, MPC_n) and the baselines ``full``/``head``: ‖θ − θ₀‖ / ‖θ₀‖ over the
+    tensors the run trains, θ₀ copied when training started (``start``)."""
+    weight = _adapter_movement(model)
+    if isinstance(weight, str):
+        return None, weight
+    if weight is not None:
+        rel, count = weight
+        what = f"‖ΔW‖_F / ‖W‖_F over the {count} adapted weight tensors"
+    else:
+        if start is None:
+            return None, "no weight delta, and the trained tensors' starting values were not kept (resumed run)"
+        now = _trained_tensors(spec, model)
+        if len(now) != len(start) or any(a.shape != b.shape for a, b in zip(now, start, strict=True)):
+            return None, "the trained tensors changed form during the run (finalize)"
+        moved = math.sqrt(sum(float((a.detach().float().cpu() - b).pow(2).sum()) for a, b in zip(now, start, strict=True)))
+        size = math.sqrt(sum(float(b.pow(2).sum()) for b in start))
+        if size == 0.0:
+            return None, "the trained tensors started at zero: no scale to compare their change with"
+        rel = moved / size
+        what = (f"‖θ − θ₀‖ / ‖θ₀‖ over the {len(start)} trained tensors ("
+                + ("no weight delta: " + spec.method if spec.method not in BASELINES else f"baseline {spec.method}") + ")")
+    return {"relative_delta": rel, "barely_moved": rel < BARELY_MOVED,
+            "what": what + f"; barely_moved: below {BARELY_MOVED:g}"}, ""
+
+
 def train_run(
     spec: RunSpec,
     out_dir: str | os.PathLike,
@@ -698,6 +777,11 @@ def train_run(
             per_step = f"{spec.batch_size}x{spec.grad_accum}" + (f"x{spec.processes} processes" if spec.processes > 1 else "")
             log(f"train  {steps} optimizer steps of {per_step} examples, lr {args.lr:g}"
                 + (f" (head {args.head_lr:g})" if args.head_lr is not None else "") + f", seed {spec.seed}")
+            start = None  # a method without a weight delta: its trained tensors' values at the start
+            name = getattr(model, "active_adapter", None)
+            weight_form = bool(name) and hasattr(model, "configs") and model.configs[name].mergeable
+            if not resume and not weight_form and not (spec.processes > 1 and spec.strategy == "fsdp"):
+                start = [t.detach().float().cpu().clone() for t in _trained_tensors(spec, model)]
             try:
                 state = trainer.train(resume=resume)
             except FloatingPointError as exc:
@@ -717,6 +801,16 @@ def train_run(
 
             save_model_state(model, out)
 
+        moved, why_not = None, "the baseline 'untrained' does not train"
+        if trainer is not None:
+            if spec.processes > 1 and spec.strategy == "fsdp":
+                why_not = "not measured under FSDP (the weights are sharded)"
+            else:
+                moved, why_not = movement(spec, model, start)
+        if moved is not None and moved["barely_moved"]:
+            log(f"warning: the weights barely moved: relative change {moved['relative_delta']:.2e} < {BARELY_MOVED:g} "
+                f"({moved['what'].split(';')[0]}); the method may not have trained: check --lr (now {args.lr:g}) "
+                "and --max-steps")
         test = workload.evaluate(model, "test")
         metrics: dict[str, Any] = {
             "method": spec.method,
@@ -754,6 +848,10 @@ def train_run(
                 metrics["dev"] = {"best_step": state.best_step, "best": state.best_score, "history": state.evals}
         if hasattr(model, "configs") and getattr(model, "active_adapter", None):
             metrics["config"] = model.configs[model.active_adapter].to_dict()
+        if moved is not None:
+            metrics["movement"] = moved
+        else:
+            metrics["movement_note"] = why_not
         if schedule:
             metrics["schedule"] = schedule  # the method's step options as this run resolved them
         metrics["wall_seconds"] = time.perf_counter() - wall

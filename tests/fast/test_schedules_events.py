@@ -160,3 +160,38 @@ def test_events_wait_for_a_loop_of_ones_own():
         events = drain(tuned)
         assert [e["step"] for e in events] == ([2] if step == 2 else []), step
     assert drain(tuned) == []
+
+
+# -- "barely moved" ------------------------------------------------------------------------------------
+
+def test_movement_is_the_relative_weight_change_and_flags_a_run_that_did_not_move(tiny, tmp_path):
+    import subpeft as sp_
+
+    m = _train(tiny, tmp_path / "moved", "lora", 4, "r=2")
+    mv = m["movement"]
+    assert set(mv) == {"relative_delta", "barely_moved", "what"} and "‖ΔW‖_F / ‖W‖_F over the 4" in mv["what"]
+    # the number is ‖ΔW‖ / ‖W‖ of the saved adapter, recomputed by hand
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny["bert"], num_labels=2)
+    tuned = sp_.load(base, tmp_path / "moved")
+    num = den = 0.0
+    for _, a in tuned.adapters_of("default"):
+        num += float((a.lora_B @ a.lora_A * a.scaling).pow(2).sum())
+        den += float(a.base_layer.weight.pow(2).sum())
+    assert mv["relative_delta"] == pytest.approx((num / den) ** 0.5, rel=1e-5)
+    assert mv["relative_delta"] > 1e-3 and mv["barely_moved"] is False
+    argv = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--batch-size", "8", "--quiet",
+            "--out", str(tmp_path / "still"), "--max-steps", "2", "--lr", "1e-10", "--set", "r=2"]
+    assert main(argv) == 0
+    mv = json.loads((tmp_path / "still" / "metrics.json").read_text())["movement"]
+    assert mv["barely_moved"] is True and 0 < mv["relative_delta"] < 1e-4
+    assert "warning: the weights barely moved" in (tmp_path / "still" / "train.log").read_text()
+    assert "barely moved" not in (tmp_path / "moved" / "train.log").read_text()
+
+
+def test_movement_without_a_weight_delta_uses_the_trained_tensors(tiny, tmp_path):
+    m = _train(tiny, tmp_path / "pa", "parallel_adapter", 3)
+    assert "‖θ − θ₀‖ / ‖θ₀‖" in m["movement"]["what"] and m["movement"]["relative_delta"] > 0
+    m = _train(tiny, tmp_path / "untrained", "untrained", 1)
+    assert "movement" not in m and "does not train" in m["movement_note"]
