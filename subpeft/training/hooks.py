@@ -10,7 +10,7 @@ A method that trains with more than the task loss exposes, on its ``TunedModel``
 * ``finalize()``: called once when training ends (Diff pruning keeps its top-k entries).
 
 What those hooks did once in a run (a phase switch, a final budget, a pruning) they report as events
-(:mod:`subpeft.methods.events`); :meth:`TrainingHooks.events` takes them, for the loop to log.
+(:func:`subpeft.methods.report_event`); :meth:`TrainingHooks.events` takes them, for the loop to log.
 
 :class:`TrainingHooks` is the one object that calls them: the library's loop
 (:class:`subpeft.training.loop.Trainer`, hence :func:`~subpeft.training.batches` ``train_classifier``) and the
@@ -75,9 +75,9 @@ class TrainingHooks:
             fn()
 
     def events(self) -> list[dict[str, Any]]:
-        """The phase events the hooks reported since the last call (:mod:`subpeft.methods.events`); [] if none."""
+        """The phase events the hooks reported since the last call (:func:`subpeft.methods.report_event`); [] if none."""
         if self.tuned is None:
             return []
-        from ..methods.events import drain
+        from ..methods import drain_events as drain
 
         return drain(self.tuned)

@@ -12,8 +12,8 @@ from torch import nn
 
 import subpeft as sp
 from subpeft.cli import main
-from subpeft.methods.events import drain
-from subpeft.methods.schedule import resolve_steps
+from subpeft.methods import drain_events as drain
+from subpeft.methods import resolve_steps
 
 from .test_train_cli import make_tiny_folders
 

@@ -2,7 +2,7 @@
 
 Phase 1 (pre-launch, ``prelaunch_steps`` = t optimizer steps): φ(W) = W + (α/r)·B·A. ``prelaunch_steps``
 is an int (steps), a float in (0, 1) (a fraction of the run's optimizer steps:
-:mod:`subpeft.methods.schedule`), or None, the default: t = min(100, round(0.1·T)) (at least 1) for
+:func:`subpeft.methods.check_steps`), or None, the default: t = min(100, round(0.1·T)) (at least 1) for
 a run of T optimizer steps, and t = 100 when the run's length is not known (``sp.attach`` alone).
 Why: the paper and its reference recipe use t = 100 steps in runs of ≈ 32k steps (commonsense
 reasoning, LLaMA-7B; the pre-launch is 0.3% of the run). A fixed 0.3% would leave a 300-step run
@@ -48,8 +48,8 @@ from ...core.layers import dims, weight_2d
 from ...core.registry import register
 from ...core.svd import svd
 from ...mechanisms.low_rank import LowRank, LowRankAdapter
-from ..events import report
-from ..schedule import check_steps, resolve_steps
+from .. import check_steps, resolve_steps
+from .. import report_event as report
 
 #: the paper's t, in optimizer steps, and the largest share of a run the default pre-launch may take
 PAPER_PRELAUNCH_STEPS = 100
@@ -108,7 +108,7 @@ class LoRADash(LowRank):
 
 class LoRADashInstance(LayerInstance):
     """One named LoRA-Dash adapter: its step hook switches every layer, and reports the switch (an event,
-    :mod:`subpeft.methods.events`: the step, and per layer the indices of the chosen directions, 0 being
+    :func:`subpeft.methods.report_event`: the step, and per layer the indices of the chosen directions, 0 being
     the largest singular value)."""
 
     def step(self, global_step: int) -> None:

@@ -26,7 +26,7 @@ Two training-time hooks do the rest; nothing else has to be called:
   re-applied after every later step. A loop that updates the adapter without calling ``tuned.step``
   is warned once (from ``regularization()``): AdaLoRA would silently train as TriLoRA.
 
-Schedules (:mod:`subpeft.methods.schedule`): ``init_warmup`` and ``final_warmup`` are ints (optimizer
+Schedules (:mod:`subpeft.methods`): ``init_warmup`` and ``final_warmup`` are ints (optimizer
 steps) or floats in (0, 1), a fraction of ``total_steps``; ``total_steps`` is an int, or None, which
 ``subpeft train``/``compare`` set to the run's optimizer steps (``sp.attach`` needs an int). Fractions
 are resolved to steps when the adapter is attached (``resolve_schedule``: round(fraction·total_steps),
@@ -67,8 +67,8 @@ from ...core.instance import LayerInstance
 from ...core.layers import dims
 from ...core.registry import register
 from ...mechanisms.low_rank import LowRank, LowRankAdapter
-from ..events import report
-from ..schedule import check_steps, is_fraction, resolve_steps
+from .. import check_steps, is_fraction, resolve_steps
+from .. import report_event as report
 from .lora import PEFT_LORA_FIELDS
 
 _STATE = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B")
@@ -291,7 +291,7 @@ class AdaLoRAInstance(LayerInstance):
 
 
     def _report_final(self, global_step: int) -> None:
-        """The final allocation as an event (:mod:`subpeft.methods.events`): ranks kept per layer."""
+        """The final allocation as an event (:func:`subpeft.methods.report_event`): ranks kept per layer."""
         ranks = {name: a.ranks() for name, a in self.layers()}
         kept, config = sum(ranks.values()), self.config
         values = sorted(ranks.values())

@@ -35,7 +35,7 @@ from ...core.errors import ConfigError, UnsupportedLayerError
 from ...core.instance import LayerInstance
 from ...core.layers import factory, weight_shape
 from ...core.registry import register
-from ..events import report
+from .. import report_event as report
 
 
 def _number(value: object) -> bool:
