@@ -649,7 +649,7 @@ def movement(spec: RunSpec, model: nn.Module, start: list[torch.Tensor] | None) 
         what = f"‖ΔW‖_F / ‖W‖_F over the {count} adapted weight tensors"
     else:
         if start is None:
-            return None, "no weight delta, and the trained tensors' starting values were not kept (resumed run)"
+            return None, "no weight delta, and the trained tensors' starting values were not kept"
         now = _trained_tensors(spec, model)
         if len(now) != len(start) or any(a.shape != b.shape for a, b in zip(now, start, strict=True)):
             return None, "the trained tensors changed form during the run (finalize)"
@@ -728,6 +728,14 @@ def train_run(
 
     heads = tuple(head_modules(model)) if task.kind == "classification" else ()  # before any wrapping
     model = prepare_model(spec, model, task, steps)
+    # a method without a weight delta (and the baselines): its trained tensors' values before training, for
+    # "movement"; taken before a resume loads the checkpoint (attach and the fresh head are seeded: a resumed
+    # run starts from the same values)
+    start = None
+    name = getattr(model, "active_adapter", None)
+    weight_form = bool(name) and hasattr(model, "configs") and model.configs[name].mergeable
+    if spec.method != "untrained" and not weight_form and not (spec.processes > 1 and spec.strategy == "fsdp"):
+        start = [t.detach().float().cpu().clone() for t in _trained_tensors(spec, model)]
     trainable, total = parameter_counts(model)
     family, kind = method_family(spec.method)
     log(f"model  {model_name(spec, task)} + {spec.method}: {trainable:,} trainable of {total:,} parameters "
@@ -777,11 +785,6 @@ def train_run(
             per_step = f"{spec.batch_size}x{spec.grad_accum}" + (f"x{spec.processes} processes" if spec.processes > 1 else "")
             log(f"train  {steps} optimizer steps of {per_step} examples, lr {args.lr:g}"
                 + (f" (head {args.head_lr:g})" if args.head_lr is not None else "") + f", seed {spec.seed}")
-            start = None  # a method without a weight delta: its trained tensors' values at the start
-            name = getattr(model, "active_adapter", None)
-            weight_form = bool(name) and hasattr(model, "configs") and model.configs[name].mergeable
-            if not resume and not weight_form and not (spec.processes > 1 and spec.strategy == "fsdp"):
-                start = [t.detach().float().cpu().clone() for t in _trained_tensors(spec, model)]
             try:
                 state = trainer.train(resume=resume)
             except FloatingPointError as exc:
