@@ -590,9 +590,9 @@ BARELY_MOVED = 1e-4
 
 
 def _adapter_movement(model: nn.Module) -> tuple[float, int] | str | None:
-    """(‖ΔW‖_F / ‖W‖_F over every weight the active adapter changes, how many tensors), or None when the adapter
-    has no weight form (not mergeable), or why not (merged; the adapted tensors are all zero). Both norms are totals over the adapted layers
-    (sqrt of the sums of squares). ΔW is ``delta_weight()`` for additive methods, else ``merged_params()``
+    """(‖ΔW‖_F / ‖W‖_F over every weight the active adapter changes, how many tensors); None when the adapter
+    has no weight form (not mergeable); a string saying why not when it cannot be measured (merged, or the
+    adapted tensors are all zero). Both norms are totals over the adapted layers (sqrt of the sums of squares). ΔW is ``delta_weight()`` for additive methods, else ``merged_params()``
     minus the base tensors (which also covers BitFit's biases and LayerNorm tuning's weights)."""
     from ..core.adapter import Adapter
     from ..core.layers import base_weight

@@ -7,6 +7,10 @@ clipping on any :class:`Workload`, and calls the library's training hooks: ``tun
 is added to every micro-batch's loss (divided by the accumulation steps, like the task loss),
 ``tuned.step(global_step)`` runs after every optimizer step, before the gradients are cleared
 (AdaLoRA reads them), and ``tuned.finalize()`` once training has ended (``TrainArgs.finalize``).
+After each of those it takes the phase events the methods reported (LoRA-Dash's switch, AdaLoRA's
+final budget, Diff pruning's finalize: :func:`subpeft.methods.report_event`), logs one line each and
+keeps them in ``TrainState.events`` (saved with the checkpoint; ``subpeft train`` writes them to
+metrics.json).
 It can evaluate on the dev split every N steps and keep the best adapter, and it writes a checkpoint
 every N steps, at the end, and when interrupted (Ctrl-C: the current optimizer step finishes, the checkpoint is written, then
 :class:`TrainingInterrupted` is raised; a second Ctrl-C stops at once).
