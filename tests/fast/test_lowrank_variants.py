@@ -213,6 +213,32 @@ def test_mpc_n_is_the_reference_parallel_adapter(method, p):
         torch.testing.assert_close(tuned(x), _hand_parallel_adapter(x, W, b, A, B, s, 0.0, 0))
 
 
+@pytest.mark.parametrize("method", ["trilora", "flora", "adalora"])
+def test_mpc_n_reference_form_on_every_lowrank_variant(method):
+    """B·drop(ReLU(G·A·x)), no α/r, the dropout on the hidden: the same form for every LoRA-type method."""
+    from subpeft.mechanisms.low_rank import LowRankDropout
+
+    model = _linear(10, 6)
+    W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    extra = dict(total_steps=10, target_r=2) if method == "adalora" else {}
+    tuned = sp.attach(model, _config(method, r=4, alpha=16, dropout=0.5, mpc="n", targets=["0"], **extra))
+    tuned.train()
+    a = _adapters(tuned)[0]
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_()
+    x = torch.randn(7, 10)
+    torch.manual_seed(9)
+    y = tuned(x)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        h = torch.relu(a.middle(x @ a.lora_A.t()))
+        drop = LowRankDropout(0.5)
+        h = LowRankDropout.mask(h, drop.positions(h)) * drop.scale
+        expected = x @ W.t() + b + h @ a.lora_B.t()
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_mpc_n_lora_form_keeps_scale_and_input_dropout():
     """mpc_n_form="lora": (α/r)·B·ReLU(A·drop(x)), the form before the reference one became the default."""
     from subpeft.mechanisms.low_rank import LowRankDropout
