@@ -467,9 +467,25 @@ def method_config(spec: RunSpec, model: nn.Module | None, task: Task | PairTask,
     if "total_steps" in fields and options.get("total_steps") is None:
         options["total_steps"] = steps
     try:
-        return config_from_dict({"method": spec.method, **options})
+        config = config_from_dict({"method": spec.method, **options})
+        # schedules given as a fraction of the run (or left to a run-length default) become optimizer steps
+        resolve = getattr(config, "resolve_schedule", None)
+        return resolve(steps) if callable(resolve) else config
     except (ConfigError, TypeError) as exc:
         raise UsageError(f"method option of {spec.method} (--set/--config): {exc}", "options") from None
+
+
+def method_schedule(spec: RunSpec, config: Any, steps: int) -> dict[str, Any]:
+    """The method's schedule options as the run resolved them, for metrics.json and train.log:
+    ``{"run_steps": steps, option: {"given": what the spec said (None: the default), "steps": resolved}}``;
+    {} for a method without schedule options."""
+    names = getattr(config, "schedule_options", ())
+    if not names:
+        return {}
+    out: dict[str, Any] = {"run_steps": steps}
+    for name in names:
+        out[name] = {"given": spec.options.get(name), "steps": getattr(config, name)}
+    return out
 
 
 def check_method_options(spec: RunSpec, task: Task | PairTask, steps: int) -> None:
@@ -569,6 +585,85 @@ def stored_spec(out: str | os.PathLike, given: dict[str, Any], processes: int = 
     return stored
 
 
+#: relative_delta below this: the run "barely moved" its weights (a warning in the run's output)
+BARELY_MOVED = 1e-4
+
+
+def _adapter_movement(model: nn.Module) -> tuple[float, int] | str | None:
+    """(‖ΔW‖_F / ‖W‖_F over every weight the active adapter changes, how many tensors); None when the adapter
+    has no weight form (not mergeable); a string saying why not when it cannot be measured (merged, or the
+    adapted tensors are all zero). Both norms are totals over the adapted layers (sqrt of the sums of squares). ΔW is ``delta_weight()`` for additive methods, else ``merged_params()``
+    minus the base tensors (which also covers BitFit's biases and LayerNorm tuning's weights)."""
+    from ..core.adapter import Adapter
+    from ..core.layers import base_weight
+
+    name = getattr(model, "active_adapter", None)
+    if not name or not hasattr(model, "adapters_of") or not model.configs[name].mergeable:
+        return None
+    layers = dict(model.adapted_layers())
+    moved = size = 0.0
+    count = 0
+    with torch.no_grad():
+        for layer_name, adapter in model.adapters_of(name):
+            layer = layers[layer_name]
+            if name in layer.merged:
+                return "the adapter is merged"
+            base = layer.base_layer
+            if type(adapter).merged_params is Adapter.merged_params:
+                pairs = [(adapter.delta_weight(), base_weight(base))]
+            else:
+                merged = adapter.merged_params()
+                pairs = [(merged[k].float() - (base_weight(base) if k == "weight" else getattr(base, k)).float(),
+                          base_weight(base) if k == "weight" else getattr(base, k)) for k in merged]
+            for delta, old in pairs:
+                moved += float(delta.detach().float().pow(2).sum())
+                size += float(old.detach().float().pow(2).sum())
+                count += 1
+    if count == 0:
+        return "the adapter changes no weight"
+    if size == 0.0:
+        return "the adapted tensors are all zero in the base model (e.g. zero biases): no scale to compare with"
+    return math.sqrt(moved) / math.sqrt(size), count
+
+
+def _trained_tensors(spec: RunSpec, model: nn.Module) -> list[torch.Tensor]:
+    """What a run without a weight delta trains: the adapter's own tensors (its head copies aside), or for the
+    baselines every trainable parameter."""
+    name = getattr(model, "active_adapter", None)
+    if name and hasattr(model, "instances"):
+        return list(model.instances[name].parameters())
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def movement(spec: RunSpec, model: nn.Module, start: list[torch.Tensor] | None) -> tuple[dict[str, Any] | None, str]:
+    """metrics.json's ``"movement"``: ``{"relative_delta", "barely_moved", "what"}``, or (None, why not).
+
+    Weight-space methods: ‖ΔW‖_F / ‖W‖_F over the adapted weights (:func:`_adapter_movement`). Methods without
+    a weight delta (prompts, adapters, MPC_n) and the baselines ``full``/``head``: ‖θ − θ₀‖ / ‖θ₀‖ over the
+    tensors the run trains, θ₀ copied when training started (``start``)."""
+    weight = _adapter_movement(model)
+    if isinstance(weight, str):
+        return None, weight
+    if weight is not None:
+        rel, count = weight
+        what = f"‖ΔW‖_F / ‖W‖_F over the {count} adapted weight tensors"
+    else:
+        if start is None:
+            return None, "no weight delta, and the trained tensors' starting values were not kept"
+        now = _trained_tensors(spec, model)
+        if len(now) != len(start) or any(a.shape != b.shape for a, b in zip(now, start, strict=True)):
+            return None, "the trained tensors changed form during the run (finalize)"
+        moved = math.sqrt(sum(float((a.detach().float().cpu() - b).pow(2).sum()) for a, b in zip(now, start, strict=True)))
+        size = math.sqrt(sum(float(b.pow(2).sum()) for b in start))
+        if size == 0.0:
+            return None, "the trained tensors started at zero: no scale to compare their change with"
+        rel = moved / size
+        what = (f"‖θ − θ₀‖ / ‖θ₀‖ over the {len(start)} trained tensors ("
+                + ("no weight delta: " + spec.method if spec.method not in BASELINES else f"baseline {spec.method}") + ")")
+    return {"relative_delta": rel, "barely_moved": rel < BARELY_MOVED,
+            "what": what + f"; barely_moved: below {BARELY_MOVED:g}"}, ""
+
+
 def train_run(
     spec: RunSpec,
     out_dir: str | os.PathLike,
@@ -633,10 +728,25 @@ def train_run(
 
     heads = tuple(head_modules(model)) if task.kind == "classification" else ()  # before any wrapping
     model = prepare_model(spec, model, task, steps)
+    # a method without a weight delta (and the baselines): its trained tensors' values before training, for
+    # "movement"; taken before a resume loads the checkpoint (attach and the fresh head are seeded: a resumed
+    # run starts from the same values)
+    start = None
+    name = getattr(model, "active_adapter", None)
+    weight_form = bool(name) and hasattr(model, "configs") and model.configs[name].mergeable
+    if spec.method != "untrained" and not weight_form and not (spec.processes > 1 and spec.strategy == "fsdp"):
+        start = [t.detach().float().cpu().clone() for t in _trained_tensors(spec, model)]
     trainable, total = parameter_counts(model)
     family, kind = method_family(spec.method)
     log(f"model  {model_name(spec, task)} + {spec.method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.3f}%)")
+    schedule = {}
+    if hasattr(model, "configs") and getattr(model, "active_adapter", None):
+        schedule = method_schedule(spec, model.configs[model.active_adapter], steps)
+    if schedule:
+        log("method schedule: " + ", ".join(
+            f"{k} {v['steps']}" + ("" if v["given"] is None or v["given"] == v["steps"] else f" (given {v['given']!r})")
+            for k, v in schedule.items() if k != "run_steps") + f" of {steps} optimizer steps")
     trainer = args = None
     if spec.method != "untrained":
         args = spec.train_args(steps, heads, progress=progress)
@@ -694,6 +804,16 @@ def train_run(
 
             save_model_state(model, out)
 
+        moved, why_not = None, "the baseline 'untrained' does not train"
+        if trainer is not None:
+            if spec.processes > 1 and spec.strategy == "fsdp":
+                why_not = "not measured under FSDP (the weights are sharded)"
+            else:
+                moved, why_not = movement(spec, model, start)
+        if moved is not None and moved["barely_moved"]:
+            log(f"warning: the weights barely moved: relative change {moved['relative_delta']:.2e} < {BARELY_MOVED:g} "
+                f"({moved['what'].split(';')[0]}); the method may not have trained: check --lr (now {args.lr:g}) "
+                "and --max-steps")
         test = workload.evaluate(model, "test")
         metrics: dict[str, Any] = {
             "method": spec.method,
@@ -725,11 +845,18 @@ def train_run(
                 train_loss_first=state.tail_loss(first=True),
                 train_loss_last=state.tail_loss(),
                 regularization_last=state.regularization[-1] if state.regularization else 0.0,
+                events=state.events,  # the method's phase events (also in train.log)
             )
             if state.evals:
                 metrics["dev"] = {"best_step": state.best_step, "best": state.best_score, "history": state.evals}
         if hasattr(model, "configs") and getattr(model, "active_adapter", None):
             metrics["config"] = model.configs[model.active_adapter].to_dict()
+        if moved is not None:
+            metrics["movement"] = moved
+        else:
+            metrics["movement_note"] = why_not
+        if schedule:
+            metrics["schedule"] = schedule  # the method's step options as this run resolved them
         metrics["wall_seconds"] = time.perf_counter() - wall
         if spec.processes > 1:
             metrics["processes"], metrics["strategy"] = spec.processes, spec.strategy or "ddp"

@@ -7,8 +7,19 @@ identity for LoRA, ``diag(e)`` for TriLoRA/AdaLoRA, a full r×r core for FLoRA) 
 (G as a matrix, for merging).
 MPC (matrix pattern constraints) is an option of every such config: ``mpc="o"``/``"d"`` add
 ``mpc_weight·(‖A·Aᵀ − I‖²_F + ‖Bᵀ·B − I‖²_F)`` (resp. ``‖offdiag(Bᵀ·B)‖²_F``) per layer to
-``tuned.regularization()``; ``mpc="n"`` puts a ReLU between the factors, ΔW·x = s·B·h(G·A·x),
-which no longer merges (it is the parallel adapter).
+``tuned.regularization()``; ``mpc="n"`` puts a ReLU between the factors, which no longer merges.
+
+MPC_n, two forms (``mpc_n_form``):
+
+- ``"reference"`` (the default): the parallel adapter of He et al. (2022) exactly, as the MPC paper
+  defines MPC_n: ΔW·x = B·drop(ReLU(G·A·x)): **no α/r scale**, and the dropout acts on the rank-r
+  hidden after the ReLU (the reference code's ``dropout(relu(down_proj(x)))``), not on the input;
+- ``"lora"``: subpeft's earlier form, kept as an option: ΔW·x = (α/r)·B·ReLU(G·A·drop(x)) (LoRA's
+  scale and LoRA's input dropout). A saved config that has ``mpc="n"`` and a ``subpeft_version`` but no
+  ``mpc_n_form`` was written before the option existed and loads as ``"lora"`` (what it computed then).
+
+The parallel adapter (:mod:`subpeft.methods.extension.parallel`) is this mechanism in the reference
+form with its own scale s.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from ..core.layers import dims, factory, from_2d, weight_shape
 from .fastpath import autocast_on, functorch_active, has_hooks
 
 MPC_MODES = (None, "o", "d", "n")
+MPC_N_FORMS = ("reference", "lora")
 
 
 @dataclass
@@ -39,6 +51,7 @@ class LowRank(AdapterConfig):
     rslora: bool = False
     mpc: str | None = None
     mpc_weight: float = 0.1
+    mpc_n_form: str = "reference"  # mpc="n" only: "reference" B·drop(ReLU(A·x)), or "lora" (α/r)·B·ReLU(A·drop(x))
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -50,9 +63,20 @@ class LowRank(AdapterConfig):
             raise ConfigError(f"{name}.mpc must be one of None, 'o', 'd', 'n' (matrix pattern constraints), got {self.mpc!r}")
         if isinstance(self.mpc_weight, bool) or not isinstance(self.mpc_weight, (int, float)) or self.mpc_weight < 0:
             raise ConfigError(f"{name}.mpc_weight must be a number >= 0, got {self.mpc_weight!r}")
+        if self.mpc_n_form not in MPC_N_FORMS:
+            raise ConfigError(f"{name}.mpc_n_form must be 'reference' (the parallel adapter: B·drop(ReLU(A·x)), no "
+                              f"α/r) or 'lora' ((α/r)·B·ReLU(A·drop(x))), got {self.mpc_n_form!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LowRank:
+        if data.get("mpc") == "n" and "subpeft_version" in data and "mpc_n_form" not in data:
+            data = {**data, "mpc_n_form": "lora"}  # saved before mpc_n_form existed: the form it computed then
+        return super().from_dict(data)
 
     @property
     def scaling(self) -> float:
+        if self.mpc == "n" and self.mpc_n_form == "reference":
+            return 1.0  # the parallel adapter has no α/r
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     @property
@@ -240,6 +264,8 @@ class LowRankAdapter(Adapter):
         self.scaling = config.scaling
         self.r = config.r
         self.nonlinear = config.mpc == "n"
+        # MPC_n in the reference form drops out the hidden after the ReLU, not the input (see the module docstring)
+        self.hidden_dropout = self.nonlinear and getattr(config, "mpc_n_form", "reference") == "reference"
         self.init_factors(config, factory(base_layer), *dims(base_layer, layer_type))
         self.dropout = LowRankDropout(config.dropout) if config.dropout > 0 and layer_type != "embedding" else None
 
@@ -301,7 +327,13 @@ class LowRankAdapter(Adapter):
         h = self.middle(h)
         if self.nonlinear:
             h = torch.relu(h)
+            if self.hidden_dropout and self.dropout is not None:
+                h = self.dropout(h)
         return h.movedim(-1, 1) if self.layer_type == "conv2d" else h
+
+    def input_dropout(self) -> LowRankDropout | None:
+        """The dropout on the low-rank input: None where MPC_n's reference form drops out the hidden instead."""
+        return None if self.hidden_dropout else self.dropout
 
     def _fusable(self, x: torch.Tensor, base, A: torch.Tensor, B: torch.Tensor) -> bool:
         """Whether the fused node may replace ``base(x)`` + the generic path (nothing could tell them apart)."""
@@ -341,7 +373,7 @@ class LowRankAdapter(Adapter):
             h = F.embedding(x, A.t(), base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
                             base_layer.scale_grad_by_freq, base_layer.sparse)
             return y + (self._hidden(h) @ B.t()) * self.scaling
-        drop, scaling = self.dropout, None
+        drop, scaling = self.input_dropout(), None
         if drop is not None and drop.training and drop.p > 0 and self.layer_type != "conv2d" and drop.fusable(x):
             # nn.Linear/Conv1D: the dropout's mask here, its 1/(1-p) in the scale (as the fused node)
             h, scaling = drop.mask(x, drop.positions(x)), drop.scale

@@ -9,6 +9,9 @@ A method that trains with more than the task loss exposes, on its ``TunedModel``
   so far (1 after the first), as ``TrainerState.global_step`` reads right after;
 * ``finalize()``: called once when training ends (Diff pruning keeps its top-k entries).
 
+What those hooks did once in a run (a phase switch, a final budget, a pruning) they report as events
+(:func:`subpeft.methods.report_event`); :meth:`TrainingHooks.events` takes them, for the loop to log.
+
 :class:`TrainingHooks` is the one object that calls them: the library's loop
 (:class:`subpeft.training.loop.Trainer`, hence :func:`~subpeft.training.batches` ``train_classifier``) and the
 Hugging Face ``Trainer`` integration (:mod:`subpeft.training.hf`) both go through it. A plain model
@@ -70,3 +73,11 @@ class TrainingHooks:
         fn = getattr(self.tuned, "finalize", None) if self.tuned is not None else None
         if callable(fn):
             fn()
+
+    def events(self) -> list[dict[str, Any]]:
+        """The phase events the hooks reported since the last call (:func:`subpeft.methods.report_event`); [] if none."""
+        if self.tuned is None:
+            return []
+        from ..methods import drain_events as drain
+
+        return drain(self.tuned)

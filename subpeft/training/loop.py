@@ -7,6 +7,10 @@ clipping on any :class:`Workload`, and calls the library's training hooks: ``tun
 is added to every micro-batch's loss (divided by the accumulation steps, like the task loss),
 ``tuned.step(global_step)`` runs after every optimizer step, before the gradients are cleared
 (AdaLoRA reads them), and ``tuned.finalize()`` once training has ended (``TrainArgs.finalize``).
+After each of those it takes the phase events the methods reported (LoRA-Dash's switch, AdaLoRA's
+final budget, Diff pruning's finalize: :func:`subpeft.methods.report_event`), logs one line each and
+keeps them in ``TrainState.events`` (saved with the checkpoint; ``subpeft train`` writes them to
+metrics.json).
 It can evaluate on the dev split every N steps and keep the best adapter, and it writes a checkpoint
 every N steps, at the end, and when interrupted (Ctrl-C: the current optimizer step finishes, the checkpoint is written, then
 :class:`TrainingInterrupted` is raised; a second Ctrl-C stops at once).
@@ -225,6 +229,7 @@ class TrainState:
     best_score: float | None = None
     best_step: int | None = None
     seconds: float = 0.0  # training time over all sessions of the run
+    events: list[dict[str, Any]] = field(default_factory=list)  # the methods' phase events (subpeft.methods.events)
 
     def tail_loss(self, first: bool = False) -> float:
         """Mean task loss over the first (or last) 10% of steps."""
@@ -704,6 +709,7 @@ class Trainer:
                 self.scheduler.step()
                 state.global_step += 1
                 hooks.step(state.global_step)  # gradients are still there (AdaLoRA reads them)
+                self._record_events(hooks)
                 self.optimizer.zero_grad(set_to_none=True)
                 state.losses.append(task_loss)
                 state.regularization.append(reg_value)
@@ -747,7 +753,16 @@ class Trainer:
         if args.finalize:
             hooks.finalize()
             spd.check_consistent(model, "the finalized tensors")  # e.g. Diff pruning's top-k, on every rank
+            self._record_events(hooks)
         return state
+
+    def _record_events(self, hooks: TrainingHooks) -> None:
+        """Keep the methods' phase events in the state (saved with checkpoints) and log one line each."""
+        for event in hooks.events():
+            if event.get("step") is None:
+                event["step"] = self.state.global_step
+            self.state.events.append(event)
+            self.log(f"step {event['step']}: {event['method']} {event['event']}: {event['summary']}")
 
 
 # --------------------------------------------------------------------------- a classifier from texts

@@ -181,11 +181,11 @@ def test_step_needs_the_gradients():
 
 # -- the orthogonality loss ---------------------------------------------------------------------
 def test_orthogonality_loss_by_hand_and_against_peft():
-    """c·mean over matrices of (‖QQᵀ − I‖_F + ‖PᵀP − I‖_F), not squared; PEFT divides the same sum by
-    the number of factor matrices, so PEFT's orth_reg_weight = 2c gives the same loss term."""
+    """c·(Σ_layers ‖QQᵀ − I‖_F + ‖PᵀP − I‖_F) / (2·n_layers): not squared, the mean over the factor *matrices*,
+    PEFT's formula, so orth_reg = c is PEFT's orth_reg_weight = c (the same loss term)."""
     peft = pytest.importorskip("peft")
     base = tiny_bert()
-    options = dict(r=3, target_r=2, total_steps=10, orth_reg=0.1)
+    options = dict(r=3, target_r=2, total_steps=10, orth_reg=0.3)
     tuned = sp.attach(copy.deepcopy(base), sp.AdaLoRA(**options, targets=["query", "value"]))
     tuned.train()
     gen = torch.Generator().manual_seed(3)
@@ -198,12 +198,12 @@ def test_orthogonality_loss_by_hand_and_against_peft():
         Q, P = a.lora_A.detach().double(), a.lora_B.detach().double()
         eye = torch.eye(3, dtype=torch.float64)
         hand.append(((Q @ Q.T - eye) ** 2).sum().sqrt() + ((P.T @ P - eye) ** 2).sum().sqrt())
-    expected = 0.1 * sum(hand) / len(hand)
+    expected = 0.3 * sum(hand) / (2 * len(hand))  # 2 factor matrices per layer
     torch.testing.assert_close(tuned.regularization().double(), expected, atol=1e-6, rtol=1e-6)
-    # PEFT adds its term to outputs.loss: same tensors, orth_reg_weight = 2c
+    # PEFT adds its term to outputs.loss: same tensors, orth_reg_weight = orth_reg
     ids, labels = torch.randint(1, 50, (2, 6)), torch.tensor([0, 2])
     losses = []
-    for weight in (0.0, 0.2):
+    for weight in (0.0, 0.3):
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
             init_r=3, total_step=10, orth_reg_weight=weight, target_modules=["query", "value"]))
         with torch.no_grad():
@@ -222,7 +222,7 @@ def test_orthogonality_loss_by_hand_and_against_peft():
         Q, P, eye = a.lora_A.detach().double(), a.lora_B.detach().double(), torch.eye(3, dtype=torch.float64)
         mpc_hand += 0.1 * (((Q @ Q.T - eye) ** 2).sum() + ((P.T @ P - eye) ** 2).sum())
         orth_hand.append(((Q @ Q.T - eye) ** 2).sum().sqrt() + ((P.T @ P - eye) ** 2).sum().sqrt())
-    expected = mpc_hand + 0.1 * sum(orth_hand) / len(orth_hand)
+    expected = mpc_hand + 0.3 * sum(orth_hand) / (2 * len(orth_hand))
     torch.testing.assert_close(mpc.regularization().detach().double(), expected, atol=1e-5, rtol=1e-6)
 
 
@@ -257,7 +257,7 @@ def test_resume_mid_training_is_bit_identical(save_at, tmp_path):
 # -- configuration -------------------------------------------------------------------------------
 def test_total_steps_is_required_to_attach_and_options_are_checked():
     cfg = sp.AdaLoRA(targets=["fc1"])  # a config alone is fine (JSON, PEFT conversion)
-    assert (cfg.r, cfg.target_r, cfg.beta1, cfg.beta2, cfg.orth_reg) == (12, 8, 0.85, 0.85, 0.1)
+    assert (cfg.r, cfg.target_r, cfg.beta1, cfg.beta2, cfg.orth_reg) == (12, 8, 0.85, 0.85, 0.5)  # PEFT's orth_reg_weight default
     with pytest.raises(sp.ConfigError, match="total_steps"):
         sp.attach(MLP(), cfg.replace(r=4, target_r=2))  # (r=12 is more than the MLP's layers can use)
     bad_options = [
@@ -274,7 +274,7 @@ def test_peft_config_roundtrip_and_what_has_no_peft_form():
                      mask_interval=3, beta1=0.8, beta2=0.9, orth_reg=0.3, targets=["fc1", "fc2"])
     data = cfg.to_peft_dict({"linear"})
     assert (data["init_r"], data["total_step"], data["tinit"], data["tfinal"], data["deltaT"]) == (6, 50, 5, 10, 3)
-    assert data["orth_reg_weight"] == pytest.approx(0.6) and "r" not in data  # PEFT warns on an r it ignores
+    assert data["orth_reg_weight"] == 0.3 and "r" not in data  # PEFT warns on an r it ignores
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sp.config_from_dict(json.loads(json.dumps(data))) == cfg
@@ -290,7 +290,7 @@ def test_peft_options_subpeft_lacks_are_refused_and_unknown_ones_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = sp.config_from_dict(data)  # every field PEFT 0.21 writes is known
-    assert (cfg.r, cfg.target_r, cfg.total_steps, cfg.orth_reg, cfg.alpha) == (12, 8, 10, 0.25, 8)
+    assert (cfg.r, cfg.target_r, cfg.total_steps, cfg.orth_reg, cfg.alpha) == (12, 8, 10, 0.5, 8)
     with pytest.raises(sp.ConfigError, match="bias"):
         sp.config_from_dict({**data, "bias": "all"})
     with pytest.warns(UserWarning, match="lora_future_trick"):
@@ -334,7 +334,7 @@ def test_subpeft_adalora_loads_in_peft(name, build, targets, make_input, tmp_pat
     # α/r here, α/(r + 1e-5) in PEFT: equal to 1e-6 while |adapter term| <= 0.1·r (larger: the test below)
     torch.testing.assert_close(theirs(x), expected, atol=1e-6, rtol=0)
     cfg = theirs.peft_config["default"]
-    assert (cfg.init_r, cfg.target_r, cfg.total_step, cfg.orth_reg_weight) == (4, 2, 10, 0.2)
+    assert (cfg.init_r, cfg.target_r, cfg.total_step, cfg.orth_reg_weight) == (4, 2, 10, 0.5)
 
 
 def test_scale_differs_from_peft_by_a_relative_1e5_over_r(tmp_path):

@@ -146,8 +146,8 @@ PA_CASES = [c for c in CASES if c.layer_type in sp.get_method("parallel_adapter"
 @pytest.mark.parametrize("case", PA_CASES, ids=lambda c: c.name)
 def test_parallel_adapter_equals_lora_with_mpc_n(case):
     x = case.input()
-    pa = sp.attach(case.model(), sp.ParallelAdapter(r=3, scale=4, targets=case.targets))
-    lora = sp.attach(case.model(), sp.LoRA(r=3, alpha=12, mpc="n", targets=case.targets))  # α/r = 4 = s
+    pa = sp.attach(case.model(), sp.ParallelAdapter(r=3, scale=1, targets=case.targets))
+    lora = sp.attach(case.model(), sp.LoRA(r=3, alpha=12, mpc="n", targets=case.targets))  # reference form: no α/r
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for (name, p), (name2, q) in zip(pa.adapters_of("default"), lora.adapters_of("default"), strict=True):
@@ -159,6 +159,119 @@ def test_parallel_adapter_equals_lora_with_mpc_n(case):
     assert torch.equal(y, lora(x))
     with pa.disable_adapter():
         assert not torch.allclose(pa(x), y, atol=1e-4)
+
+
+def _hand_parallel_adapter(x, W, b, A, B, s, p, seed):
+    """The reference parallel adapter (He et al.'s code): s·up(dropout(relu(down(x)))), the dropout drawn by the
+    library's sampler from the same RNG state (what LoRA's dropout uses on this CPU)."""
+    from subpeft.mechanisms.low_rank import LowRankDropout
+
+    h = torch.relu(x @ A.t())
+    if p > 0:
+        torch.manual_seed(seed)
+        drop = LowRankDropout(p)
+        h = LowRankDropout.mask(h, drop.positions(h)) * drop.scale
+    return x @ W.t() + b + s * (h @ B.t())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("method", ["lora", "parallel_adapter"])
+def test_mpc_n_is_the_reference_parallel_adapter(method, p):
+    """LoRA(mpc="n") and the parallel adapter compute B·drop(ReLU(A·x)) (times s for PA; no α/r for LoRA), with
+    the dropout on the hidden, not the input: outputs and gradients of A and B as the hand-written adapter."""
+    model = _linear(10, 6)
+    W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    config = (sp.LoRA(r=4, alpha=16, dropout=p, mpc="n", targets=["0"]) if method == "lora"
+              else sp.ParallelAdapter(r=4, scale=4.0, dropout=p, targets=["0"]))
+    s = 1.0 if method == "lora" else 4.0
+    tuned = sp.attach(model, config)
+    tuned.train()
+    a = _adapters(tuned)[0]
+    with torch.no_grad():
+        a.lora_B.normal_()
+    A = a.lora_A.detach().clone().requires_grad_(True)
+    B = a.lora_B.detach().clone().requires_grad_(True)
+    x = torch.randn(7, 10)
+    g = torch.randn(7, 6)
+    torch.manual_seed(123)
+    y = tuned(x)
+    (y * g).sum().backward()
+    ref = _hand_parallel_adapter(x, W, b, A, B, s, p, seed=123)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.lora_A.grad, A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.lora_B.grad, B.grad, rtol=1e-5, atol=1e-5)
+    if p > 0:  # the same draw on the input instead (the old form) gives another function
+        torch.manual_seed(123)
+        from subpeft.mechanisms.low_rank import LowRankDropout
+
+        drop = LowRankDropout(p)
+        xd = LowRankDropout.mask(x, drop.positions(x)) * drop.scale
+        assert not torch.allclose(y, x @ W.t() + b + s * torch.relu(xd @ A.t()) @ B.t(), atol=1e-3)
+    with torch.no_grad():  # eval: no dropout
+        tuned.eval()
+        torch.testing.assert_close(tuned(x), _hand_parallel_adapter(x, W, b, A, B, s, 0.0, 0))
+
+
+@pytest.mark.parametrize("method", ["trilora", "flora", "adalora"])
+def test_mpc_n_reference_form_on_every_lowrank_variant(method):
+    """B·drop(ReLU(G·A·x)), no α/r, the dropout on the hidden: the same form for every LoRA-type method."""
+    from subpeft.mechanisms.low_rank import LowRankDropout
+
+    model = _linear(10, 6)
+    W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    extra = dict(total_steps=10, target_r=2) if method == "adalora" else {}
+    tuned = sp.attach(model, _config(method, r=4, alpha=16, dropout=0.5, mpc="n", targets=["0"], **extra))
+    tuned.train()
+    a = _adapters(tuned)[0]
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_()
+    x = torch.randn(7, 10)
+    torch.manual_seed(9)
+    y = tuned(x)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        h = torch.relu(a.middle(x @ a.lora_A.t()))
+        drop = LowRankDropout(0.5)
+        h = LowRankDropout.mask(h, drop.positions(h)) * drop.scale
+        expected = x @ W.t() + b + h @ a.lora_B.t()
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mpc_n_lora_form_keeps_scale_and_input_dropout():
+    """mpc_n_form="lora": (α/r)·B·ReLU(A·drop(x)), the form before the reference one became the default."""
+    from subpeft.mechanisms.low_rank import LowRankDropout
+
+    model = _linear(10, 6)
+    W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    tuned = sp.attach(model, sp.LoRA(r=4, alpha=16, dropout=0.5, mpc="n", mpc_n_form="lora", targets=["0"]))
+    tuned.train()
+    a = _adapters(tuned)[0]
+    with torch.no_grad():
+        a.lora_B.normal_()
+    A, B = a.lora_A.detach(), a.lora_B.detach()
+    x = torch.randn(7, 10)
+    torch.manual_seed(5)
+    y = tuned(x)
+    torch.manual_seed(5)
+    drop = LowRankDropout(0.5)
+    xd = LowRankDropout.mask(x, drop.positions(x)) * drop.scale
+    torch.testing.assert_close(y, x @ W.t() + b + 4.0 * torch.relu(xd @ A.t()) @ B.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(sp.ConfigError, match="mpc_n_form"):
+        sp.LoRA(mpc="n", mpc_n_form="paper")
+
+
+def test_mpc_n_saved_before_the_option_loads_in_its_old_form():
+    data = sp.LoRA(r=4, alpha=16, mpc="n", targets=["0"]).to_dict()
+    assert data["mpc_n_form"] == "reference"
+    del data["mpc_n_form"]  # a file written before mpc_n_form existed
+    old = sp.config_from_dict(data)
+    assert old.mpc_n_form == "lora" and old.scaling == 4.0
+    assert sp.LoRA(r=4, alpha=16, mpc="n").scaling == 1.0
+    # a spec without subpeft_version (CLI --set, a hand-written config) gets the default
+    data.pop("subpeft_version")
+    assert sp.config_from_dict(data).mpc_n_form == "reference"
 
 
 @pytest.mark.parametrize("case", PA_CASES, ids=lambda c: c.name)

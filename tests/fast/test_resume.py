@@ -31,6 +31,8 @@ CASES = {
                                                    "targets": ["query", "value"]}),
     "lora_dash-switch-after-stop": ("lora_dash", {"r": 4, "prelaunch_steps": 9, "directions": 2,
                                                   "targets": ["query", "value"]}),
+    "lora_dash-fraction": ("lora_dash", {"r": 4, "prelaunch_steps": 0.75, "directions": 2,  # step 9 of 12
+                                         "targets": ["query", "value"]}),
     "full": ("full", {}),
 }
 
@@ -74,8 +76,16 @@ def test_resume_is_bit_identical(tiny, tmp_path, case):  # noqa: F811
     assert not unequal, f"{len(unequal)} tensors differ after resuming, e.g. {unequal[:3]}"
     assert any(not torch.equal(a[k], halfway[k]) for k in a), "the second half must have changed the adapter"
     ha, hb = _history(tmp_path / "whole"), _history(tmp_path / "cut")
-    for key in ("global_step", "micro", "losses", "regularization", "learning_rates"):
+    for key in ("global_step", "micro", "losses", "regularization", "learning_rates", "events"):
         assert ha[key] == hb[key], key
+    assert resumed["events"] == whole["events"]  # a phase event before the stop comes back with the checkpoint
+    if method in ("lora_dash", "adalora"):
+        steps = whole["schedule"]["prelaunch_steps" if method == "lora_dash" else "final_warmup"]["steps"]
+        assert [e["step"] for e in whole["events"]] == [steps if method == "lora_dash" else N - steps]
+        if case == "lora_dash-fraction":
+            assert whole["schedule"]["prelaunch_steps"] == {"given": 0.75, "steps": 9}
+    if "movement" in whole:  # a weight delta: measured from the adapter, the same after a resume
+        assert resumed["movement"] == whole["movement"]
     assert ha["micro"] == 2 * N and ha["micro"] > 160 // 8  # crossed an epoch boundary
     assert resumed["test"] == whole["test"]
     if method == "adalora":

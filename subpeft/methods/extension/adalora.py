@@ -7,10 +7,12 @@ Built on the :class:`~subpeft.methods.extension.lora.LowRank` mechanism (G = dia
 
 Two training-time hooks do the rest; nothing else has to be called:
 
-- ``tuned.regularization()`` adds ``orth_reg·mean_layers(‖Q·Qᵀ − I‖_F + ‖Pᵀ·P − I‖_F)`` (plain, not
-  squared, norms; plus the MPC terms if configured). PEFT divides the same sum by the number of factor
-  *matrices* (2 per layer), so ``orth_reg = c`` here is PEFT's ``orth_reg_weight = 2c``; the PEFT
-  conversions translate, so both libraries add the same loss.
+- ``tuned.regularization()`` adds ``orth_reg·(Σ_layers ‖Q·Qᵀ − I‖_F + ‖Pᵀ·P − I‖_F) / (2·n_layers)``
+  (plain, not squared, norms, averaged over the 2·n factor *matrices*; plus the MPC terms if
+  configured): PEFT's and the reference code's formula, so ``orth_reg`` is exactly PEFT's
+  ``orth_reg_weight`` (default 0.5, PEFT's default; the reference GLUE recipes use 0.1) and the
+  PEFT conversions copy it unchanged. (Before this, ``orth_reg = c`` averaged over layers and meant
+  PEFT's ``2c``; a config saved then keeps its number, so it now asks for half the old penalty.)
 - ``tuned.step(global_step)``, after each optimizer step and before ``zero_grad`` (it reads ``.grad``;
   with no gradient at all it raises), runs the allocator over all layers of the adapter: per entry of
   P, λ, Q the sensitivity I = |p·∇p|, EMAs Ī ← β₁Ī + (1−β₁)I and Ū ← β₂Ū + (1−β₂)|I − Ī| (new Ī), and
@@ -23,6 +25,16 @@ Two training-time hooks do the rest; nothing else has to be called:
   allocation keeps target_r·n triplets, with the scores of step T_f − 1 (no update from T_f on), and is
   re-applied after every later step. A loop that updates the adapter without calling ``tuned.step``
   is warned once (from ``regularization()``): AdaLoRA would silently train as TriLoRA.
+
+Schedules (:mod:`subpeft.methods`): ``init_warmup`` and ``final_warmup`` are ints (optimizer
+steps) or floats in (0, 1), a fraction of ``total_steps``; ``total_steps`` is an int, or None, which
+``subpeft train``/``compare`` set to the run's optimizer steps (``sp.attach`` needs an int). Fractions
+are resolved to steps when the adapter is attached (``resolve_schedule``: round(fraction·total_steps),
+halves up), so the saved config and a run's metrics.json hold steps. The defaults stay 0 and 0, PEFT's
+(so ``sp.AdaLoRA(...)`` and ``peft.AdaLoraConfig(...)`` with the same numbers run the same schedule);
+the paper's DeBERTaV3 GLUE recipes warm up for ≈ 10% of the run and hold the final budget for ≈ 45-60%
+(SST-2: 6,000 and 22,000 of ≈ 50,500 steps; MNLI: 8,000 and 50,000 of ≈ 85,900):
+``init_warmup=0.1, final_warmup=0.5`` is that recipe at any run length.
 
 The importance EMAs (2× the adapter's size), the latest mask and the "final" flag are persistent
 buffers saved beside PEFT's tensors (PEFT ignores them), so a run saved mid-training and reloaded
@@ -43,7 +55,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +67,8 @@ from ...core.instance import LayerInstance
 from ...core.layers import dims
 from ...core.registry import register
 from ...mechanisms.low_rank import LowRank, LowRankAdapter
+from .. import check_steps, is_fraction, resolve_steps
+from .. import report_event as report
 from .lora import PEFT_LORA_FIELDS
 
 _STATE = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B")
@@ -63,25 +77,28 @@ _STATE = ("ipt_A", "unc_A", "ipt_E", "unc_E", "ipt_B", "unc_B")
 @dataclass
 class AdaLoRA(LowRank):
     """AdaLoRA. ``sp.AdaLoRA(r=12, target_r=8, alpha=8, total_steps=..., init_warmup=0, final_warmup=0,
-    mask_interval=1, beta1=0.85, beta2=0.85, orth_reg=0.1, dropout=0.0, mpc=None)``.
+    mask_interval=1, beta1=0.85, beta2=0.85, orth_reg=0.5, dropout=0.0, mpc=None)``.
 
     ``total_steps`` (optimizer steps of the run) is required to attach: the budget schedule ends at
-    ``total_steps - final_warmup``. ``rank_pattern`` (module name → kept flags over the r triplets)
+    ``total_steps - final_warmup``. ``init_warmup``/``final_warmup``: steps (int) or a fraction in (0, 1) of
+    ``total_steps`` (see the module docstring). ``rank_pattern`` (module name → kept flags over the r triplets)
     comes from PEFT files whose layers were truncated to their allocated ranks.
     """
 
     method = "adalora"
+    #: options counted in optimizer steps that :meth:`resolve_schedule` resolves (recorded by a run)
+    schedule_options: ClassVar[tuple[str, ...]] = ("init_warmup", "final_warmup", "total_steps")
     peft_type = "ADALORA"
 
     r: int = 12
     target_r: int = 8
-    init_warmup: int = 0
-    final_warmup: int = 0
+    init_warmup: int | float = 0
+    final_warmup: int | float = 0
     mask_interval: int = 1
     total_steps: int | None = None
     beta1: float = 0.85
     beta2: float = 0.85
-    orth_reg: float = 0.1
+    orth_reg: float = 0.5  # PEFT's orth_reg_weight (same formula, same default)
     rank_pattern: dict[str, list[bool]] | None = None
 
     def validate(self) -> None:
@@ -92,17 +109,22 @@ class AdaLoRA(LowRank):
                 f"AdaLoRA.target_r must be <= r (the budget only shrinks), got target_r={self.target_r}, r={self.r}"
             )
         for name in ("init_warmup", "final_warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"AdaLoRA.{name} must be an integer >= 0 (optimizer steps), got {value!r}")
+            check_steps("AdaLoRA", name, getattr(self, name))
         self._check_positive_int("mask_interval")
         if self.total_steps is not None:
             self._check_positive_int("total_steps")
-            if self.init_warmup >= self.total_steps - self.final_warmup:
+            t_i, t_f = self.warmups(self.total_steps)
+            if t_i >= self.total_steps - t_f:
+                given = "" if (t_i, t_f) == (self.init_warmup, self.final_warmup) else \
+                    f" (init_warmup={self.init_warmup!r}, final_warmup={self.final_warmup!r} of {self.total_steps} steps)"
                 raise ConfigError(
-                    f"AdaLoRA leaves no steps to shrink the budget: init_warmup={self.init_warmup} must be < "
-                    f"total_steps - final_warmup = {self.total_steps - self.final_warmup}"
+                    f"AdaLoRA leaves no steps to shrink the budget: init_warmup={t_i} must be < "
+                    f"total_steps - final_warmup = {self.total_steps - t_f}{given}"
                 )
+        elif is_fraction(self.init_warmup) and is_fraction(self.final_warmup) \
+                and self.init_warmup + self.final_warmup >= 1:
+            raise ConfigError(f"AdaLoRA leaves no steps to shrink the budget: init_warmup={self.init_warmup} + "
+                              f"final_warmup={self.final_warmup} must be < 1 (fractions of total_steps)")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
@@ -116,6 +138,26 @@ class AdaLoRA(LowRank):
         ):
             raise ConfigError(f"AdaLoRA.rank_pattern must map module names to r={self.r} booleans (kept triplets)")
 
+    def warmups(self, total_steps: int) -> tuple[int, int]:
+        """(init_warmup, final_warmup) in optimizer steps for a schedule of ``total_steps``."""
+        return resolve_steps(self.init_warmup, total_steps), resolve_steps(self.final_warmup, total_steps)
+
+    def final_step(self) -> int:
+        """T_f = total_steps - final_warmup (in steps): the final allocation."""
+        return self.total_steps - self.warmups(self.total_steps)[1]
+
+    def resolve_schedule(self, total_steps: int | None) -> AdaLoRA:
+        """This config with every schedule option in optimizer steps: ``total_steps`` None becomes the run's
+        ``total_steps`` (when given), and fractional warm-ups become steps of it."""
+        config = self if self.total_steps is not None or total_steps is None else self.replace(total_steps=total_steps)
+        if config.total_steps is None:
+            return config  # nothing to resolve against yet (the adapter refuses to attach without total_steps)
+        t_i, t_f = config.warmups(config.total_steps)
+        if (t_i, t_f) == (config.init_warmup, config.final_warmup) and not any(
+                isinstance(v, float) for v in (config.init_warmup, config.final_warmup)):
+            return config
+        return config.replace(init_warmup=t_i, final_warmup=t_f)
+
     def layer_rank(self, name: str) -> int:
         """Triplets stored for the named layer (r, unless a PEFT rank_pattern truncated it)."""
         return sum(self.rank_pattern[name]) if self.rank_pattern and name in self.rank_pattern else self.r
@@ -126,7 +168,8 @@ class AdaLoRA(LowRank):
         if self.total_steps is None:
             raise ConfigError("AdaLoRA's budget schedule needs total_steps (optimizer steps of the run)")
         init, target = self.r * n_layers, self.target_r * n_layers
-        t_i, t_f = self.init_warmup, self.total_steps - self.final_warmup
+        t_i, final_warmup = self.warmups(self.total_steps)
+        t_f = self.total_steps - final_warmup
         if step <= t_i:
             return init, False
         if step >= t_f:
@@ -138,12 +181,13 @@ class AdaLoRA(LowRank):
     def to_peft_dict(self, layer_types: set[str] | frozenset[str] = frozenset()) -> dict[str, Any] | None:
         if self.mpc is not None or self.rslora or self.total_steps is None or "embedding" in layer_types:
             return None  # PEFT's AdaLoRA has no MPC, no rsLoRA, no Embedding, and needs total_step
+        t_i, t_f = self.warmups(self.total_steps)  # PEFT's tinit/tfinal are steps
         pattern = None if self.rank_pattern is None else {f"{k}.lora_E": v for k, v in self.rank_pattern.items()}
         return {
             "peft_type": "ADALORA", "task_type": None, "init_r": self.r, "target_r": self.target_r,
-            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "tinit": self.init_warmup,
-            "tfinal": self.final_warmup, "deltaT": self.mask_interval, "total_step": self.total_steps,
-            "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": 2 * self.orth_reg, "rank_pattern": pattern,
+            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "tinit": t_i,
+            "tfinal": t_f, "deltaT": self.mask_interval, "total_step": self.total_steps,
+            "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg, "rank_pattern": pattern,
             "target_modules": self.targets, "exclude_modules": self.exclude, "modules_to_save": self.modules_to_save,
             "bias": "none", "fan_in_fan_out": "conv1d" in layer_types, "init_lora_weights": True,
             "inference_mode": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
@@ -180,7 +224,7 @@ class AdaLoRA(LowRank):
             init_warmup=peft_int(data, "tinit", 0), final_warmup=peft_int(data, "tfinal", 0),
             mask_interval=peft_int(data, "deltaT", 1), total_steps=peft_int(data, "total_step", None),
             beta1=peft_number(data, "beta1", 0.85), beta2=peft_number(data, "beta2", 0.85),
-            orth_reg=peft_number(data, "orth_reg_weight", 0.5) / 2, rank_pattern=pattern,
+            orth_reg=peft_number(data, "orth_reg_weight", 0.5), rank_pattern=pattern,
             targets=targets, exclude=data.get("exclude_modules"), modules_to_save=data.get("modules_to_save"),
         )
 
@@ -206,7 +250,8 @@ class AdaLoRAInstance(LayerInstance):
         terms = [t for t in (a.regularization() for a in adapters) if t is not None]  # MPC, if configured
         if config.orth_reg > 0:
             dev = first.lora_A.device
-            terms.append(config.orth_reg * torch.stack([a.orthogonality().to(dev) for a in adapters]).mean())
+            # the mean over the 2·n factor matrices, as PEFT: orth_reg = PEFT's orth_reg_weight
+            terms.append(config.orth_reg / 2 * torch.stack([a.orthogonality().to(dev) for a in adapters]).mean())
         return torch.stack(terms).sum() if terms else None
 
     @torch.no_grad()
@@ -217,7 +262,7 @@ class AdaLoRAInstance(LayerInstance):
         config, first = adapters[0].config, adapters[0]
         first._stepped = True
         if config.rank_pattern is not None:
-            if global_step < config.total_steps - config.final_warmup and not getattr(first, "_warned_pattern", False):
+            if global_step < config.final_step() and not getattr(first, "_warned_pattern", False):
                 first._warned_pattern = True
                 warnings.warn("AdaLoRA: this adapter was loaded with a PEFT rank_pattern (ranks already allocated); "
                               "its rank allocation does not resume", UserWarning, stacklevel=3)
@@ -226,7 +271,8 @@ class AdaLoRAInstance(LayerInstance):
             return  # a frozen adapter does not train: nothing to allocate
         if not bool(first.rank_final):
             budget, mask = config.budget(len(adapters), global_step)
-            if global_step < config.total_steps - config.final_warmup:
+            final = global_step >= config.final_step()
+            if not final:
                 if not any([a._update_importance() for a in adapters]):
                     raise RuntimeError(
                         "AdaLoRA's rank allocator reads the gradients, but no adapter tensor has one: call "
@@ -237,9 +283,21 @@ class AdaLoRAInstance(LayerInstance):
                     a.rank_final.fill_(True)
             if mask:
                 AdaLoRAAdapter._mask_to_budget(adapters, budget)
+            if final:
+                self._report_final(global_step)
         if bool(first.rank_final):
             for a in adapters:
                 a.lora_E.masked_fill_(~a.rank_mask.unsqueeze(1), 0.0)
+
+
+    def _report_final(self, global_step: int) -> None:
+        """The final allocation as an event (:func:`subpeft.methods.report_event`): ranks kept per layer."""
+        ranks = {name: a.ranks() for name, a in self.layers()}
+        kept, config = sum(ranks.values()), self.config
+        values = sorted(ranks.values())
+        report(self, "final_budget", step=global_step, ranks=ranks, kept=kept, initial=config.r * len(ranks),
+               summary=f"final budget from step {global_step}: {kept} of {config.r * len(ranks)} triplets kept "
+                       f"(target_r {config.target_r} x {len(ranks)} layers); per layer {values[0]} to {values[-1]}")
 
 
 @register
@@ -249,6 +307,11 @@ class AdaLoRAAdapter(LowRankAdapter):
     formula = "r·(d_in + d_out) + r"
     trains = "P, Q and singular values λ; a global rank budget masks λ"
     has_middle = True
+
+    @classmethod
+    def prepare_config(cls, config: AdaLoRA, model: nn.Module) -> AdaLoRA:
+        # the attached (and saved) config holds its warm-ups in steps
+        return super().prepare_config(config.resolve_schedule(None), model)
 
     def __init__(self, config: AdaLoRA, base_layer: nn.Module, layer_type: str, **kwargs) -> None:
         if config.total_steps is None:
@@ -279,7 +342,8 @@ class AdaLoRAAdapter(LowRankAdapter):
         if self.layer_type != "conv2d":
             return super().add_delta(y, x)
         A = self.lora_A.view(-1, *self.base_layer.weight.shape[1:])  # PEFT's 2-D factors as kernels
-        h = (x if self.dropout is None else self.dropout(x)).to(A.dtype)
+        drop = self.input_dropout()
+        h = (x if drop is None else drop(x)).to(A.dtype)
         h = self._hidden(self.base_layer._conv_forward(h, A, None))
         return y + F.conv2d(h, self.lora_B[:, :, None, None]) * self.scaling
 

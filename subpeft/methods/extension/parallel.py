@@ -1,12 +1,13 @@
-"""Parallel adapter (He et al., 2022): y = W·x + b + s·B·ReLU(A·x), A (r, d_in), B (d_out, r).
+"""Parallel adapter (He et al., 2022): y = W·x + b + s·B·drop(ReLU(A·x)), A (r, d_in), B (d_out, r).
 
-A bottleneck beside the layer: down-projection A, ReLU, up-projection B, scaled by s (``scale=1``:
-PA; ``scale=4``: scaled PA). Init: A Kaiming-uniform (a = √5), B = 0 (on every layer type,
-Embedding included), so the adapter is the identity at attach. This is exactly LoRA with
-``mpc="n"`` and scaling s, so the layer *is* the :class:`~subpeft.methods.extension.lora.LowRankAdapter`
-mechanism with its ReLU on; the config exposes only what makes sense here (``r``, ``scale``,
-``dropout`` on the adapter input). The ReLU means there is no weight delta: not mergeable, and
-saved in subpeft's native format.
+A bottleneck beside the layer: down-projection A, ReLU, dropout on the hidden (as the reference
+code: ``dropout(relu(down_proj(x)))``), up-projection B, scaled by s (``scale=1``: PA; ``scale=4``:
+scaled PA). Init: A Kaiming-uniform (a = √5), B = 0 (on every layer type, Embedding included), so
+the adapter is the identity at attach. This is exactly LoRA with ``mpc="n"`` (whose default
+``mpc_n_form="reference"`` has this form with s = 1), so the layer *is* the
+:class:`~subpeft.methods.extension.lora.LowRankAdapter` mechanism with its ReLU on; the config
+exposes only what makes sense here (``r``, ``scale``, ``dropout`` on the hidden). The ReLU means
+there is no weight delta: not mergeable, and saved in subpeft's native format.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class ParallelAdapter(AdapterConfig):
 
     method = "parallel_adapter"
     mpc: ClassVar[str] = "n"  # read by the LowRank mechanism: a ReLU between the factors, no MPC loss
+    mpc_n_form: ClassVar[str] = "reference"  # dropout on the hidden after the ReLU; the scale is s
 
     r: int = 8
     scale: float = 1.0

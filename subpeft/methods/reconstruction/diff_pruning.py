@@ -35,6 +35,7 @@ from ...core.errors import ConfigError, UnsupportedLayerError
 from ...core.instance import LayerInstance
 from ...core.layers import factory, weight_shape
 from ...core.registry import register
+from .. import report_event as report
 
 
 def _number(value: object) -> bool:
@@ -98,8 +99,17 @@ class DiffPruningInstance(LayerInstance):
         if config.sparse:
             return None
         new = config.replace(sparse=True)
-        for adapter in self.adapters():
+        kept = {}
+        entries = 0
+        for name, adapter in self.layers():
             adapter.sparsify(new)
+            kept[name] = int(adapter.values.numel())
+            entries += weight_shape(adapter.base_layer).numel()
+        total = sum(kept.values())
+        sparsity = 1.0 - total / max(entries, 1)
+        report(self, "finalize", kept=kept, kept_total=total, entries=entries, sparsity=sparsity,
+               summary=f"kept {total:,} of {entries:,} entries (sparsity {100 * sparsity:.2f}%) over "
+                       f"{len(kept)} layers, budget {config.budget:g} per layer")
         return new
 
 
