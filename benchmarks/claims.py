@@ -1,0 +1,391 @@
+"""The claims report: what the subspace papers claim, tested with a learning rate tuned per method.
+
+Each task runs as a few ``subpeft compare`` comparisons ("parts"), every one with ``--lr-grid auto`` (the
+entry's default lr × 1/3, 1, 3, chosen on the dev split only), a fixed split (``--split-seed 0``: every
+seed sees the same examples, so paired differences over seeds measure the method) and ``--resume``, so a
+part stopped halfway continues where it stopped, in this session or a later one::
+
+    python benchmarks/claims.py run --task tweets            # every part of the task (resumable)
+    python benchmarks/claims.py run --task tweets --part mpc # one part
+    python benchmarks/claims.py run --dry-run                # print the commands only
+    python benchmarks/claims.py report                       # verdicts -> benchmarks/results/claims/
+
+``report`` reads the run folders of every part (a part still running is reported as far as it got: its
+finished seed runs and lr-search runs) and writes ``results.md``, ``results.json`` and
+one plot per task. Each claim gets a verdict:
+
+* **holds**: the 95% confidence interval of the paired difference (same seeds, same split) lies above 0;
+* **does not hold at this scale**: the interval lies below the margin (0.005 accuracy, or 1% of a loss), so
+  any advantage is smaller than that, or the method is worse;
+* **inconclusive**: the interval straddles the margin;
+* **not run yet**: a needed entry has fewer than 3 finished seeds.
+
+A claim on seed spread (MPC: "lower std") uses the ratio of variances against the F distribution's
+95% point; a claim of "≈ 99% of full fine-tuning" uses the per-seed ratio to full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "claims"
+
+# Two-sided 95% Student t quantiles (0.975) for 1..30 degrees of freedom; 1.96 beyond.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+# One-sided 95% points of F(d, d) for d = 2..9 (equal seed counts on both sides).
+F95 = {2: 19.000, 3: 9.277, 4: 6.388, 5: 5.050, 6: 4.284, 7: 3.787, 8: 3.438, 9: 3.179}
+
+# The tasks and their comparisons. Steps: 300 of 16 tweets (2 passes over 2,400). Full fine-tuning's dev
+# accuracy levels off by step ~200 (a 600-step run at lr 1e-4: dev 0.7425 at 200, 0.7525 at 300, 0.7550 at 350,
+# 0.7375 at 400; the report shows the tuned run's curve). Max length 64 covers the tweets (MiniLM at 16x64:
+# ~0.35 s a LoRA step on one core, ~0.7 s for full fine-tuning).
+TASKS = {
+    "tweets": {
+        "common": ["--task", "tweets", "--max-length", "64", "--train-size", "2400", "--dev-size", "400",
+                   "--test-size", "1000", "--split-seed", "0", "--max-steps", "300", "--eval-every", "100",
+                   "--threads", "1"],
+        "parts": {
+            # one part per group of claims, cheapest and most asked-for first; each finishes in under an hour on
+            # one core. MPC's claim is about seed spread: 5 seeds, with LoRA r = 2 (LoRA-Dash r = 2's reference too)
+            "mpc": {"methods": ["lora[r=2]", "lora[r=2,mpc=o]", "lora[r=2,mpc=d]", "lora[r=2,mpc=n]"],
+                    "seeds": 5, "baselines": "none"},
+            "dash": {"methods": ["lora[r=4]", "lora_dash[r=2]", "lora_dash[r=4]"], "seeds": 3, "baselines": "none"},
+            "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,head"},
+            "lowrank": {"methods": ["lora", "dora", "trilora", "adalora", "flora", "pica", "pica[r=96]"],
+                        "seeds": 3, "baselines": "none"},
+        },
+    },
+}
+
+# Each claim: who against whom, and how it is judged. Entries are compare's row labels.
+CLAIMS = [
+    {"id": "dash_r2", "paper": "LoRA-Dash", "claim": "LoRA-Dash beats LoRA at r = 2",
+     "kind": "better", "a": "lora_dash r=2", "b": "lora r=2"},
+    {"id": "dash_r4", "paper": "LoRA-Dash", "claim": "LoRA-Dash beats LoRA at r = 4",
+     "kind": "better", "a": "lora_dash r=4", "b": "lora r=4"},
+    *({"id": f"mpc_{m}", "paper": "MPC", "claim": f"MPC_{m} has a higher mean than plain LoRA at r = 2",
+       "kind": "better", "a": f"lora r=2 mpc={m}", "b": "lora r=2"} for m in "odn"),
+    *({"id": f"mpc_{m}_std", "paper": "MPC", "claim": f"MPC_{m} has a lower seed spread than plain LoRA at r = 2",
+       "kind": "steadier", "a": f"lora r=2 mpc={m}", "b": "lora r=2"} for m in "odn"),
+    {"id": "ssl_full", "paper": "SSL/SSB", "claim": "SSL reaches ≈ 99% of full fine-tuning (with 0.02–0.06% of "
+     "the parameters)", "kind": "share_of_full", "a": "ssl", "b": "full", "target": 0.99},
+    {"id": "ssb_full", "paper": "SSL/SSB", "claim": "SSB reaches ≈ 99% of full fine-tuning (with 0.02–0.06% of "
+     "the parameters)", "kind": "share_of_full", "a": "ssb", "b": "full", "target": 0.99},
+    {"id": "pica_matched", "paper": "PiCa", "claim": "PiCa beats LoRA at matched trainable parameters "
+     "(PiCa r = 96 against LoRA r = 8: 73,728 each)", "kind": "better", "a": "pica r=96", "b": "lora"},
+    {"id": "pica_default", "paper": "PiCa", "claim": "PiCa (default r = 256, 2.7× LoRA r = 8's parameters) beats "
+     "LoRA r = 8", "kind": "better", "a": "pica", "b": "lora"},
+    {"id": "flora_trilora", "paper": "FLoRA", "claim": "FLoRA (B·G·A) beats TriLoRA (B·diag·A)",
+     "kind": "better", "a": "flora", "b": "trilora"},
+    {"id": "flora_adalora", "paper": "FLoRA", "claim": "FLoRA (B·G·A) beats AdaLoRA (B·diag·A)",
+     "kind": "better", "a": "flora", "b": "adalora"},
+    {"id": "trilora_lora", "paper": "FLoRA", "claim": "TriLoRA (B·diag·A) beats LoRA (B·A)",
+     "kind": "better", "a": "trilora", "b": "lora"},
+    {"id": "adalora_lora", "paper": "FLoRA", "claim": "AdaLoRA (B·diag·A) beats LoRA (B·A)",
+     "kind": "better", "a": "adalora", "b": "lora"},
+    {"id": "dora_lora", "paper": "DoRA", "claim": "DoRA beats LoRA (r = 8)", "kind": "better", "a": "dora",
+     "b": "lora"},
+]
+
+MIN_SEEDS = 3
+
+
+# --------------------------------------------------------------------------- statistics
+def t975(df: int) -> float:
+    return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+
+
+def paired_interval(a: dict[int, float], b: dict[int, float]) -> dict:
+    """Mean of a − b over the seeds both have, with its 95% t interval."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    sd = statistics.stdev(diffs) if n > 1 else math.nan
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    return {"seeds": seeds, "n": n, "diff": mean, "diff_sd": sd, "low": mean - half, "high": mean + half}
+
+
+def verdict_better(a: dict[int, float], b: dict[int, float], greater_is_better: bool, margin: float) -> dict:
+    """"a beats b": holds when the paired interval is above 0, fails when it is below the margin."""
+    sign = 1.0 if greater_is_better else -1.0
+    p = paired_interval({s: sign * v for s, v in a.items()}, {s: sign * v for s, v in b.items()})
+    if p["n"] < MIN_SEEDS:
+        return {**p, "verdict": "not run yet"}
+    if p["low"] > 0:
+        v = "holds"
+    elif p["high"] < margin:
+        v = "does not hold at this scale"
+    else:
+        v = "inconclusive"
+    return {**p, "verdict": v, "margin": margin, "sign": sign}
+
+
+def verdict_steadier(a: dict[int, float], b: dict[int, float]) -> dict:
+    """"a has a lower seed spread than b": variance ratio against F(n−1, n−1)'s 95% point."""
+    n = min(len(a), len(b))
+    if n < MIN_SEEDS:
+        return {"n": n, "verdict": "not run yet"}
+    sa, sb = statistics.stdev(a.values()), statistics.stdev(b.values())
+    crit = F95.get(n - 1, 3.0)
+    ratio = (sb / sa) ** 2 if sa > 0 else math.inf
+    if ratio > crit:
+        v = "holds"
+    elif ratio < 1 / crit:
+        v = "does not hold at this scale"
+    else:
+        v = "inconclusive" if ratio > 1 else "does not hold at this scale (the spread is not lower)"
+    return {"n": n, "std_a": sa, "std_b": sb, "variance_ratio_b_over_a": ratio, "f95": crit, "verdict": v}
+
+
+def verdict_share(a: dict[int, float], full: dict[int, float], target: float, greater_is_better: bool) -> dict:
+    """"a reaches target × full": the per-seed ratio's 95% interval against the target."""
+    seeds = sorted(set(a) & set(full))
+    ratios = [(a[s] / full[s]) if greater_is_better else (full[s] / a[s]) for s in seeds]
+    n = len(ratios)
+    if n < MIN_SEEDS:
+        return {"n": n, "verdict": "not run yet"}
+    mean, sd = statistics.fmean(ratios), statistics.stdev(ratios)
+    half = t975(n - 1) * sd / math.sqrt(n)
+    if mean - half >= target:
+        v = "holds"
+    elif mean + half < target:
+        v = "does not hold at this scale"
+    else:
+        v = "inconclusive"
+    return {"n": n, "seeds": seeds, "ratio": mean, "low": mean - half, "high": mean + half, "target": target,
+            "verdict": v}
+
+
+# --------------------------------------------------------------------------- running
+def part_dir(task: str, part: str) -> Path:
+    return OUT / task / part
+
+
+def compare_command(task: str, part: str) -> list[str]:
+    t, p = TASKS[task], TASKS[task]["parts"][part]
+    return [sys.executable, "-m", "subpeft.cli", "compare", *t["common"], "--methods", ",".join(p["methods"]),
+            "--seeds", str(p["seeds"]), "--baselines", p["baselines"], "--lr-grid", "auto",
+            "--out", str(part_dir(task, part).relative_to(ROOT)), "--resume"]
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = [args.task] if args.task else list(TASKS)
+    for task in tasks:
+        parts = [args.part] if args.part else list(TASKS[task]["parts"])
+        for part in parts:
+            if part not in TASKS[task]["parts"]:
+                print(f"error: --part {part!r}: {task} has parts {', '.join(TASKS[task]['parts'])}", file=sys.stderr)
+                return 2
+            cmd = compare_command(task, part)
+            print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
+            if args.dry_run:
+                continue
+            rc = subprocess.call(cmd, cwd=ROOT)
+            if rc:
+                return rc
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+def _entries(task: str, part: str) -> list[tuple[str, str]]:
+    """(label, folder) of every entry of a part, baselines included, as compare names them."""
+    from subpeft.app.compare import parse_entry
+
+    p = TASKS[task]["parts"][part]
+    names = [b for b in p["baselines"].split(",") if b and b != "none"] + p["methods"]
+    return [(e.label, e.folder) for e in map(parse_entry, names)]
+
+
+def load_runs(task: str) -> list[dict]:
+    """Every finished seed run of the task's parts (not the lr-search runs), read from the run folders,
+    so that a part still running (no results.json yet) is reported as far as it got."""
+    runs = []
+    for part in TASKS[task]["parts"]:
+        for label, folder in _entries(task, part):
+            for path in sorted(part_dir(task, part).glob(f"runs/{folder}/seed*/metrics.json")):
+                runs.append({**json.loads(path.read_text()), "label": label, "part": part})
+    return runs
+
+
+def load_searches(task: str) -> dict[str, list[tuple[float, float]]]:
+    """(lr, dev score) of every finished lr-search run, per entry label (a search run scores dev as 'test')."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for part in TASKS[task]["parts"]:
+        for label, folder in _entries(task, part):
+            for path in sorted(part_dir(task, part).glob(f"runs/{folder}/lr-search/*/metrics.json")):
+                m = json.loads(path.read_text())
+                out.setdefault(label, []).append((m["lr"], m["test"][m["metric"]]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def scores(runs: list[dict]) -> tuple[dict[str, dict[int, float]], str, bool]:
+    by: dict[str, dict[int, float]] = {}
+    metric, greater = "accuracy", True
+    for r in runs:
+        metric, greater = r["metric"], r["greater_is_better"]
+        by.setdefault(r["label"], {})[r["seed"]] = r["test"][metric]
+    return by, metric, greater
+
+
+def judge(task: str, runs: list[dict]) -> list[dict]:
+    by, metric, greater = scores(runs)
+    margin = 0.005 if greater else 0.01 * statistics.fmean([v for s in by.values() for v in s.values()] or [1.0])
+    out = []
+    for c in CLAIMS:
+        a, b = by.get(c["a"], {}), by.get(c["b"], {})
+        if c["kind"] == "better":
+            v = verdict_better(a, b, greater, margin)
+        elif c["kind"] == "steadier":
+            v = verdict_steadier(a, b)
+        else:
+            v = verdict_share(a, b, c["target"], greater)
+        out.append({**c, "task": task, "metric": metric, **v,
+                    "a_mean": statistics.fmean(a.values()) if a else None,
+                    "a_std": statistics.stdev(a.values()) if len(a) > 1 else None,
+                    "b_mean": statistics.fmean(b.values()) if b else None,
+                    "b_std": statistics.stdev(b.values()) if len(b) > 1 else None,
+                    "a_seeds": len(a), "b_seeds": len(b)})
+    return out
+
+
+def _f(x, nd=4) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def claim_row(c: dict) -> str:
+    if c["verdict"] == "not run yet":
+        numbers = f"{c['a_seeds']} / {c['b_seeds']} seeds finished"
+    elif c["kind"] == "better":
+        numbers = (f"{_f(c['a_mean'])} ± {_f(c['a_std'])} vs {_f(c['b_mean'])} ± {_f(c['b_std'])}; paired "
+                   f"difference {c['sign'] * c['diff']:+.4f} [{_f(c['sign'] * c['low'] if c['sign'] > 0 else -c['high'])}, "
+                   f"{_f(c['sign'] * c['high'] if c['sign'] > 0 else -c['low'])}] over {c['n']} seeds")
+    elif c["kind"] == "steadier":
+        numbers = (f"std {_f(c['std_a'])} vs {_f(c['std_b'])} ({c['n']} seeds); variance ratio "
+                   f"{c['variance_ratio_b_over_a']:.2f}, F 95% point {c['f95']:.2f}")
+    else:
+        numbers = (f"{_f(c['a_mean'])} vs full {_f(c['b_mean'])}: {100 * c['ratio']:.1f}% "
+                   f"[{100 * c['low']:.1f}, {100 * c['high']:.1f}] of full ({c['n']} seeds)")
+    return f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {numbers} |"
+
+
+def entry_table(task: str, runs: list[dict]) -> list[str]:
+    by, metric, _ = scores(runs)
+    info: dict[str, dict] = {}
+    for r in runs:
+        info.setdefault(r["label"], r)
+    searches = load_searches(task)
+    lines = [f"| entry | test {metric} (mean ± std) | seeds | trainable % | lr (chosen on dev) | dev {metric} over the grid |",
+             "|---|---|---|---|---|---|"]
+    for label in sorted(by, key=lambda k: -statistics.fmean(by[k].values())):
+        vals = list(by[label].values())
+        r = info[label]
+        grid = ", ".join(f"{lr:g}: {_f(dev)}" for lr, dev in searches.get(label, [])) or "–"
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        lines.append(f"| `{label}` | {_f(statistics.fmean(vals))} ± {_f(std)} | {len(vals)} | "
+                     f"{r.get('trainable_percent', 0):.3f} | {r.get('lr') or 0:g} | {grid} |")
+    return lines
+
+
+def full_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    for r in runs:
+        if r["label"] == "full" and r.get("dev", {}).get("history"):
+            return [(h["step"], h.get(r["metric"], h.get("score"))) for h in r["dev"]["history"]]
+    return []
+
+
+def plot_task(task: str, runs: list[dict], curve: list[tuple[int, float]], path: Path) -> bool:
+    """Left: every entry's test score per seed (dots) and mean (bar). Right: full fine-tuning's dev curve."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by, metric, greater = scores(runs)
+    labels = sorted(by, key=lambda k: statistics.fmean(by[k].values()), reverse=not greater)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 0.35 * len(labels) + 2.5), gridspec_kw={"width_ratios": [3, 2]})
+    for i, label in enumerate(labels):
+        vals = list(by[label].values())
+        ax.barh(i, statistics.fmean(vals), color="tab:blue", alpha=0.3)
+        ax.plot(vals, [i] * len(vals), "o", color="tab:blue", markersize=3)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    lo = min(v for s in by.values() for v in s.values())
+    hi = max(v for s in by.values() for v in s.values())
+    ax.set_xlim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_xlabel(f"test {metric} (dots: seeds; bar: mean)")
+    ax.set_title(f"{task}: lr tuned on dev per entry")
+    if curve:
+        bx.plot([s for s, _ in curve], [v for _, v in curve], "o-")
+    bx.set_xlabel("optimizer step")
+    bx.set_ylabel(f"dev {metric}")
+    bx.set_title("full fine-tuning, dev curve")
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(args: argparse.Namespace) -> int:
+    sections, all_claims, data = [], [], {}
+    for task in TASKS:
+        runs = load_runs(task)
+        claims = judge(task, runs)
+        all_claims += claims
+        curve = full_curve(runs)
+        data[task] = {"commands": [shlex.join(["python", *compare_command(task, p)[1:]]) for p in TASKS[task]["parts"]],
+                      "claims": claims, "full_dev_curve": curve,
+                      "entries": {k: v for k, v in scores(runs)[0].items()}}
+        sections += [f"## {task}", "", "Commands (each resumable; `python benchmarks/claims.py run --task "
+                     f"{task}` runs them all):", ""]
+        sections += [f"    {c}" for c in data[task]["commands"]] + [""]
+        sections += ["| paper | claim | verdict | numbers |", "|---|---|---|---|"]
+        sections += [claim_row(c) for c in claims] + [""]
+        if curve:
+            sections += ["Full fine-tuning's dev curve (first seed, chosen lr): "
+                         + ", ".join(f"step {s}: {_f(v)}" for s, v in curve), ""]
+        if runs:
+            sections += entry_table(task, runs) + [""]
+            OUT.mkdir(parents=True, exist_ok=True)
+            if plot_task(task, runs, curve, OUT / f"{task}.png"):
+                sections += [f"![{task}]({task}.png)", ""]
+        else:
+            sections += ["No run has finished yet.", ""]
+    head = ["# Claims report", "", "Generated by `python benchmarks/claims.py report` from the comparisons' "
+            "run folders. Every method's learning rate was tuned on the dev split (`--lr-grid auto`: its "
+            "default × 1/3, 1, 3); the split is the same for every seed, so differences are paired by seed. "
+            "Verdicts: see the docstring of `benchmarks/claims.py` (95% intervals; margin 0.005 accuracy).", ""]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.md").write_text("\n".join(head + sections))
+    (OUT / "results.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {OUT / 'results.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run (or continue) the comparisons")
+    p.add_argument("--task", choices=list(TASKS))
+    p.add_argument("--part")
+    p.add_argument("--dry-run", action="store_true")
+    sub.add_parser("report", help="write the verdicts from the finished runs")
+    args = parser.parse_args(argv)
+    return run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The claims report's verdicts (benchmarks/claims.py): paired intervals, spread and share of full FT."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("claims", Path(__file__).parents[2] / "benchmarks" / "claims.py")
+claims = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(claims)
+
+
+def test_paired_interval_matches_hand_computation():
+    a, b = {0: 0.70, 1: 0.72, 2: 0.68}, {0: 0.66, 1: 0.69, 2: 0.66}
+    p = claims.paired_interval(a, b)
+    diffs = [0.04, 0.03, 0.02]
+    sd = math.sqrt(sum((d - 0.03) ** 2 for d in diffs) / 2)
+    assert p["n"] == 3 and p["diff"] == pytest.approx(0.03)
+    assert p["low"] == pytest.approx(0.03 - 4.303 * sd / math.sqrt(3))
+    assert p["high"] == pytest.approx(0.03 + 4.303 * sd / math.sqrt(3))
+
+
+def test_better_holds_only_when_the_paired_interval_is_above_zero():
+    b = {0: 0.60, 1: 0.65, 2: 0.70}  # a large spread over seeds, but a steady paired gain
+    a = {s: v + 0.02 + 0.001 * s for s, v in b.items()}
+    assert claims.verdict_better(a, b, True, 0.005)["verdict"] == "holds"
+    # the same gain on a lower-is-better metric is a loss
+    assert claims.verdict_better(a, b, False, 0.005)["verdict"] == "does not hold at this scale"
+    # equal scores: no gain beyond the margin
+    assert claims.verdict_better(dict(b), b, True, 0.005)["verdict"] == "does not hold at this scale"
+    # a noisy gain whose interval straddles the margin
+    noisy = {0: b[0] + 0.03, 1: b[1] - 0.02, 2: b[2] + 0.01}
+    assert claims.verdict_better(noisy, b, True, 0.005)["verdict"] == "inconclusive"
+
+
+def test_better_needs_three_shared_seeds():
+    a, b = {0: 0.7, 1: 0.7, 2: 0.7}, {0: 0.6, 1: 0.6}
+    assert claims.verdict_better(a, b, True, 0.005)["verdict"] == "not run yet"
+
+
+def test_steadier_uses_the_variance_ratio():
+    b = {s: v for s, v in enumerate([0.60, 0.70, 0.65, 0.62, 0.68])}
+    a = {s: 0.65 + 0.001 * (s - 2) for s in range(5)}  # far steadier
+    assert claims.verdict_steadier(a, b)["verdict"] == "holds"
+    assert claims.verdict_steadier(b, a)["verdict"] == "does not hold at this scale"
+    a2 = {s: v + 0.001 * s for s, v in b.items()}  # about the same spread
+    assert claims.verdict_steadier(a2, b)["verdict"].startswith(("inconclusive", "does not hold"))
+
+
+def test_share_of_full():
+    full = {0: 0.74, 1: 0.75, 2: 0.73}
+    near = {s: 0.995 * v for s, v in full.items()}
+    far = {s: 0.90 * v for s, v in full.items()}
+    assert claims.verdict_share(near, full, 0.99, True)["verdict"] == "holds"
+    assert claims.verdict_share(far, full, 0.99, True)["verdict"] == "does not hold at this scale"
+    assert claims.verdict_share(far, full, 0.99, True)["ratio"] == pytest.approx(0.90)
+
+
+def test_every_claim_names_entries_of_its_task():
+    pytest.importorskip("subpeft.app.compare")
+    labels = {label for part in claims.TASKS["tweets"]["parts"] for label, _ in claims._entries("tweets", part)}
+    for c in claims.CLAIMS:
+        assert c["a"] in labels and c["b"] in labels, c["id"]
