@@ -514,8 +514,14 @@ def _train(args: argparse.Namespace) -> int:
     _threads(args)
     spec, out = _train_spec(args)
     try:
+        on_step = None
+        if getattr(args, "progress_file", None):  # subpeft compare follows its runs' steps through this file
+            def on_step(trainer, step, path=args.progress_file):
+                with open(path, "w") as f:  # not durable on purpose: a half-written line is read again later
+                    f.write(f"{step} {trainer.args.total_steps}\n")
+
         m = train_run(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                      echo=not args.quiet)
+                      echo=not args.quiet, on_step=on_step)
     except TrainingInterrupted as exc:
         hint = f"; continue with: subpeft train --out {out} --resume" if exc.checkpoint else ""
         if os.environ.get("RANK", "0") == "0":
@@ -626,7 +632,8 @@ def _compare(args: argparse.Namespace) -> int:
     results = run_compare(methods, common, out, seeds=seeds, lr=lr, lr_grid=grid, options=options,
                           baselines=baselines, in_process=args.in_process,
                           resume=args.resume, overwrite=args.overwrite, threads=args.threads, command=command,
-                          echo=(lambda s: None) if args.quiet else print)
+                          echo=(lambda s: None) if args.quiet else print,
+                          bar=not args.quiet and sys.stderr.isatty())
     from .app.compare import markdown
 
     print(markdown(results))
@@ -663,6 +670,7 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--out", help="output folder (default runs/<method>-<task>); a folder that already holds "
                    "files needs --resume or --overwrite")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--progress-file", help=argparse.SUPPRESS)  # "step total" after each step, for subpeft compare
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out: the files a run writes "
                    "(adapter, run.json, metrics.json, train.log, checkpoints/last, best/) are removed, other "
                    "files stay")

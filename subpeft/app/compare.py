@@ -240,28 +240,61 @@ class RunFailed(RuntimeError):
     """A run of the comparison failed; the message is one line with the run's own error."""
 
 
-def _run_subprocess(spec: RunSpec, run_dir: Path, threads: int | None, quiet: bool) -> dict[str, Any]:
+def _run_subprocess(spec: RunSpec, run_dir: Path, threads: int | None, quiet: bool, on_step=None) -> dict[str, Any]:
+    """``subpeft train`` in a child process; ``on_step(step, total)`` is called (about twice a second) with the
+    child's progress, which it writes to a small file (``--progress-file``)."""
     import tempfile
 
     from ..training.files import write_json
 
     fd, spec_file = tempfile.mkstemp(prefix="subpeft-spec-", suffix=".json")
     os.close(fd)
+    fd, progress_file = tempfile.mkstemp(prefix="subpeft-progress-", suffix=".txt")
+    os.close(fd)
     try:
         write_json(spec_file, spec.to_dict())
         cmd = [sys.executable, "-m", "subpeft.cli", "train", "--spec", spec_file, "--out", str(run_dir), "--quiet",
-               "--overwrite"]
+               "--overwrite", "--progress-file", progress_file]
         if threads:
             cmd += ["--threads", str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+            proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
+            last = None
+            while True:
+                try:
+                    proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if on_step is not None:
+                    last = _report(progress_file, last, on_step)
+            stdout.seek(0)
+            stderr.seek(0)
+            out_text, err_text = stdout.read(), stderr.read()
     finally:
         os.unlink(spec_file)
+        os.unlink(progress_file)
     if proc.returncode in (130, -2):  # the run was interrupted (Ctrl-C reaches the whole process group)
         raise KeyboardInterrupt
     if proc.returncode != 0:
-        lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
+        lines = [line for line in (err_text or out_text).strip().splitlines() if line.strip()]
         raise RunFailed(f"run {run_dir} failed (exit {proc.returncode}): {lines[-1].strip() if lines else 'no output'}")
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _report(path: str, last: str | None, on_step) -> str | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return last
+    if text and text != last:
+        try:
+            step, total = (int(x) for x in text.split())
+        except ValueError:  # caught mid-write
+            return last
+        on_step(step, total)
+        return text
+    return last
 
 
 # --------------------------------------------------------------------------- the plan
@@ -332,24 +365,50 @@ def _fmt_time(seconds: float) -> str:
 
 
 class _Progress:
-    """Runs done / total, elapsed time and an ETA from the mean time of the runs trained so far: one plain
-    line per run (CI logs), unless quiet."""
+    """Runs done / total, elapsed time and an ETA from the mean time of the runs trained so far. On a terminal
+    (``bar``): one tqdm bar over the runs, showing the current run's optimizer steps; the lines above it.
+    Elsewhere (CI logs): one plain line per finished run, nothing per step."""
 
-    def __init__(self, total: int, echo) -> None:
+    def __init__(self, total: int, echo, bar: bool = False) -> None:
         self.total, self.echo, self.done = total, echo, 0
         self.start = time.perf_counter()
         self.trained: list[float] = []
+        self.bar = None
+        if bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} runs [{elapsed}]{postfix}")
+
+    def eta(self) -> str:
+        left = self.total - self.done
+        if not left or not self.trained:
+            return ""
+        return f"ETA {_fmt_time(left * statistics.fmean(self.trained))}"
 
     def __call__(self, message: str, seconds: float | None = None) -> None:
         self.done += 1
         if seconds is not None:
             self.trained.append(seconds)
-        elapsed = time.perf_counter() - self.start
-        left = self.total - self.done
-        eta = ""
-        if left and self.trained:
-            eta = f", ETA {_fmt_time(left * statistics.fmean(self.trained))}"
-        self.echo(f"[{self.done}/{self.total}] {message} (elapsed {_fmt_time(elapsed)}{eta})")
+        eta = self.eta()
+        line = (f"[{self.done}/{self.total}] {message} (elapsed {_fmt_time(time.perf_counter() - self.start)}"
+                + (f", {eta}" if eta else "") + ")")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(eta, refresh=False)
+            self.bar.write(line, file=sys.stdout)
+        else:
+            self.echo(line)
+
+    def step(self, what: str, step: int, total: int) -> None:
+        """The current run's progress (shown on the bar only)."""
+        if self.bar is not None:
+            eta = self.eta()
+            self.bar.set_postfix_str(f"{what}: step {step}/{total}" + (f"; {eta}" if eta else ""))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_compare(
@@ -368,6 +427,7 @@ def run_compare(
     threads: int | None = None,
     echo=print,
     warn=None,
+    bar: bool = False,
     command: str = "",
 ) -> dict[str, Any]:
     """Train every entry (baselines first) for every seed, after the lr search of the entries that have a
@@ -462,7 +522,7 @@ def run_compare(
 
     created = first_missing(out)
     runs: list[dict[str, Any]] = []
-    progress = _Progress(len(search) + len(final), echo)
+    progress = _Progress(len(search) + len(final), echo, bar=bar)
     start = time.perf_counter()
     searched: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
@@ -474,10 +534,13 @@ def run_compare(
             if metrics is not None:
                 return metrics, True, 0.0
         t0 = time.perf_counter()
+        what = tag(run) + (f", lr {run.spec.lr:g}" if run.search else "")
         if in_process:
-            metrics = train_run(run.spec, run.run_dir, overwrite=True, progress=False, echo=False)
+            metrics = train_run(run.spec, run.run_dir, overwrite=True, progress=False, echo=False,
+                                on_step=lambda trainer, step: progress.step(what, step, trainer.args.total_steps))
         else:
-            metrics = _run_subprocess(run.spec, run.run_dir, threads, quiet=True)
+            metrics = _run_subprocess(run.spec, run.run_dir, threads, quiet=True,
+                                      on_step=lambda step, total: progress.step(what, step, total))
         return metrics, False, time.perf_counter() - t0
 
     def tag(run: _Run) -> str:
@@ -538,6 +601,8 @@ def run_compare(
         if not runs:
             remove_created(created)
         raise
+    finally:
+        progress.close()
     results = summarize(final_runs)
     for line in _mark_barely_moved(results, task.kind):
         warn(line)

@@ -296,3 +296,40 @@ def test_barely_moved_runs_are_warned_about_and_marked():
     assert "⚠ barely moved:" in table
     # generation: no head baseline, only the movement key counts
     assert compare._mark_barely_moved(compare.summarize(runs[2:4]), "generation") == []
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_follows_the_runs_steps(tiny, tmp_path, monkeypatch, capsys):
+    """A subprocess run reports its steps through --progress-file; on a terminal the overall bar shows them,
+    elsewhere plain lines (one per run) with elapsed time and ETA; --quiet prints neither."""
+    spec = RunSpec.from_dict({**_common(tiny), "method": "ia3", "max_steps": 3, "save": False, "save_every": 0})
+    steps = []
+    metrics = compare._run_subprocess(spec, tmp_path / "run", None, quiet=True,
+                                      on_step=lambda step, total: steps.append((step, total)))
+    assert metrics["steps"] == 3 and steps and all(total == 3 and 1 <= s <= 3 for s, total in steps)
+    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--max-steps", "2",
+                 "--batch-size", "8", "--out", str(tmp_path / "t"), "--quiet", "--progress-file",
+                 str(tmp_path / "p.txt")]) == 0
+    assert (tmp_path / "p.txt").read_text() == "2 2\n"
+    shown = []
+    progress = compare._Progress(3, shown.append, bar=True)
+    progress.step("ia3 seed 0", 1, 4)
+    assert "ia3 seed 0: step 1/4" in str(progress.bar)
+    progress("ia3 seed 0: accuracy 0.5 (1 s)", 1.0)
+    progress.step("ia3 seed 1", 2, 4)
+    assert "step 2/4; ETA" in str(progress.bar)
+    progress.close()
+    assert "[1/3] ia3 seed 0" in capsys.readouterr().out and shown == []
+    plain = compare._Progress(2, shown.append)
+    plain.step("x", 1, 2)  # nothing per step without a terminal
+    plain("x seed 0: done before")
+    plain("x seed 1: accuracy 0.5 (2 s)", 2.0)
+    assert shown == ["[1/2] x seed 0: done before (elapsed 0 s)", "[2/2] x seed 1: accuracy 0.5 (2 s) (elapsed 0 s)"]
+    capsys.readouterr()
+    assert main(["compare", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--methods", "ia3", "--seeds",
+                 "1", "--max-steps", "1", "--batch-size", "8", "--baselines", "none", "--in-process", "--quiet",
+                 "--out", str(tmp_path / "q")]) == 0
+    captured = capsys.readouterr()
+    assert "[1/1]" not in captured.out + captured.err and "step" not in captured.err
