@@ -520,6 +520,10 @@ def run_compare(
         need = build_task(RunSpec.from_dict({**common, "method": "full", "score_split": "dev"}))
         del need  # the dev split exists (not empty): checked before any run starts
 
+    if resume:  # a finished run with other settings fails now, before anything trains
+        for run in [*search, *final]:
+            if run.spec is not None:
+                _finished(run.run_dir, run.spec)
     created = first_missing(out)
     runs: list[dict[str, Any]] = []
     progress = _Progress(len(search) + len(final), echo, bar=bar)
