@@ -219,7 +219,7 @@ def resolve_grid(entry: Entry, lr: dict[str, float], grid: dict[str, Any]) -> li
         if k in lr:
             return None
         if k in grid:
-            values = auto_grid(entry.method) if grid[k] == "auto" else list(grid[k])
+            values = auto_grid(entry.method) if grid[k] == "auto" else list(dict.fromkeys(grid[k]))
             return values if len(values) > 1 else None
     return None
 
@@ -400,7 +400,7 @@ class _Progress:
         else:
             self.echo(line)
 
-    def step(self, what: str, step: int, total: int) -> None:
+    def show_step(self, what: str, step: int, total: int) -> None:
         """The current run's progress (shown on the bar only)."""
         if self.bar is not None:
             eta = self.eta()
@@ -524,6 +524,7 @@ def run_compare(
         for run in [*search, *final]:
             if run.spec is not None:
                 _finished(run.run_dir, run.spec)
+    echo(f"data   {task.summary()}; split seed {probe.split_seed}, the same for every seed")
     created = first_missing(out)
     runs: list[dict[str, Any]] = []
     progress = _Progress(len(search) + len(final), echo, bar=bar)
@@ -541,10 +542,10 @@ def run_compare(
         what = tag(run) + (f", lr {run.spec.lr:g}" if run.search else "")
         if in_process:
             metrics = train_run(run.spec, run.run_dir, overwrite=True, progress=False, echo=False,
-                                on_step=lambda trainer, step: progress.step(what, step, trainer.args.total_steps))
+                                on_step=lambda trainer, step: progress.show_step(what, step, trainer.args.total_steps))
         else:
             metrics = _run_subprocess(run.spec, run.run_dir, threads, quiet=True,
-                                      on_step=lambda step, total: progress.step(what, step, total))
+                                      on_step=lambda step, total: progress.show_step(what, step, total))
         return metrics, False, time.perf_counter() - t0
 
     def tag(run: _Run) -> str:

@@ -257,8 +257,9 @@ class RunSpec(TrainSettings):
     processes: int = 1  # how many processes trained (recorded by train_run, not a setting)
 
     # options that may change when resuming (they do not change what is trained; a resumed run may use another
-    # number of processes and strategy, with the same global batch)
-    RESUME_FREE = ("save_every", "eval_before", "test_size", "max_new_tokens", "exact_match_limit", "save",
+    # number of processes and strategy, with the same global batch). Not test_size: an exact size larger than
+    # the 10% part moves examples out of the training part
+    RESUME_FREE = ("save_every", "eval_before", "max_new_tokens", "exact_match_limit", "save",
                    "keep_checkpoint", "device", "load_best_at_end", "strategy", "processes")
 
     @classmethod

@@ -315,15 +315,15 @@ def test_progress_follows_the_runs_steps(tiny, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "p.txt").read_text() == "2 2\n"
     shown = []
     progress = compare._Progress(3, shown.append, bar=True)
-    progress.step("ia3 seed 0", 1, 4)
+    progress.show_step("ia3 seed 0", 1, 4)
     assert "ia3 seed 0: step 1/4" in str(progress.bar)
     progress("ia3 seed 0: accuracy 0.5 (1 s)", 1.0)
-    progress.step("ia3 seed 1", 2, 4)
+    progress.show_step("ia3 seed 1", 2, 4)
     assert "step 2/4; ETA" in str(progress.bar)
     progress.close()
     assert "[1/3] ia3 seed 0" in capsys.readouterr().out and shown == []
     plain = compare._Progress(2, shown.append)
-    plain.step("x", 1, 2)  # nothing per step without a terminal
+    plain.show_step("x", 1, 2)  # nothing per step without a terminal
     plain("x seed 0: done before")
     plain("x seed 1: accuracy 0.5 (2 s)", 2.0)
     assert shown == ["[1/2] x seed 0: done before (elapsed 0 s)", "[2/2] x seed 1: accuracy 0.5 (2 s) (elapsed 0 s)"]
