@@ -260,14 +260,22 @@ def _run_subprocess(spec: RunSpec, run_dir: Path, threads: int | None, quiet: bo
         with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
             proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
             last = None
-            while True:
+            try:
+                while True:
+                    try:
+                        proc.wait(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if on_step is not None:
+                        last = _report(progress_file, last, on_step)
+            except BaseException:  # Ctrl-C reached the child too: let it end, then make sure it did
                 try:
-                    proc.wait(timeout=0.5)
-                    break
+                    proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    pass
-                if on_step is not None:
-                    last = _report(progress_file, last, on_step)
+                    proc.kill()
+                    proc.wait()
+                raise
             stdout.seek(0)
             stderr.seek(0)
             out_text, err_text = stdout.read(), stderr.read()
