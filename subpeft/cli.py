@@ -14,8 +14,10 @@
                              --resume or --overwrite)
     subpeft eval --adapter DIR [--task NAME | --data FILE] [--split test]
                              the same metrics for a saved adapter
-    subpeft compare --task NAME --methods a,b,c [--seeds 3] [--out DIR] [--max-steps N] ...
-                             every method and the baselines, a Markdown table, JSON and a plot
+    subpeft compare --task NAME --methods a,b[r=2],b[r=4] [--seeds 3] [--lr-grid 3e-4,1e-3,3e-3|auto]
+                  [--baselines none|full|head|full,head] [--split-seed N] [--out DIR] [--max-steps N] ...
+                             every method (entries with options) and the baselines, lr tuned on dev,
+                             a Markdown table, JSON and a plot
 
 Exit status (EXIT_STATUS): 0 success, 1 the run failed, 2 bad input (one line, nothing written), 130 Ctrl-C.
 """
@@ -354,7 +356,7 @@ _S = argparse.SUPPRESS
 def _size(text: str) -> int | None:
     """A split size: a count, or 0 / 'all' for the whole split."""
     if text.lower() in ("all", "0"):
-        return None
+        return 0
     try:
         value = int(text)
     except ValueError:
@@ -375,7 +377,11 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-col", default=_S, help="generation: the prompt column (default 'prompt')")
     p.add_argument("--response-col", default=_S, help="generation: the response column (default 'response')")
     p.add_argument("--max-length", type=int, default=_S, help="max tokens per example (default 128, at least 2)")
-    p.add_argument("--test-size", type=_size, default=_S, help="test examples (default 2000; 0 or 'all': all)")
+    p.add_argument("--test-size", type=_size, default=_S, help="exactly N test examples, carved from the data "
+                   "(more than its 10%% part are moved out of the training part; an error if the data is too small); "
+                   "0 or 'all': the whole 10%% part; default: the 10%% part, at most 2000")
+    p.add_argument("--split-seed", type=int, default=_S, help="seed of the train/dev/test split (default 0), apart "
+                   "from --seed: every seed sees the same test and dev examples")
     p.add_argument("--device", default=_S, help="cpu or cuda (default: cuda if available)")
 
 
@@ -389,8 +395,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-ratio", type=float, default=_S, help="linear warm-up share of the steps, in [0, 1] "
                    "(default 0.06)")
     p.add_argument("--max-grad-norm", type=float, default=_S, help="gradient clipping norm, > 0 (default 1.0)")
-    p.add_argument("--train-size", type=_size, default=_S, help="training examples (default 6400; 0 or 'all': all)")
-    p.add_argument("--dev-size", type=_size, default=_S, help="dev examples (default 1000; 0 or 'all': all)")
+    p.add_argument("--train-size", type=_size, default=_S, help="at most N training examples (default 6400; 0 or "
+                   "'all': the whole training part, what --dev-size/--test-size leave)")
+    p.add_argument("--dev-size", type=_size, default=_S, help="exactly N dev examples, carved like --test-size; "
+                   "0 or 'all': the whole 10%% part; default: the 10%% part, at most 1000")
     p.add_argument("--max-new-tokens", type=int, default=_S, help="generation: greedy answer length (default 32)")
     p.add_argument("--head-lr", type=float, default=_S, help="classification: the fresh head's peak learning "
                    "rate, the same for every method (default 5e-3, the head-only baseline's)")
@@ -460,7 +468,9 @@ def _train_spec(args: argparse.Namespace):
     base: dict = {}
     source = None
     if getattr(args, "spec", None):
-        base = read_json(args.spec, "--spec")
+        from .app.run import upgrade_stored
+
+        base = upgrade_stored(read_json(args.spec, "--spec"))
         source = f"--spec {args.spec}"
     out = getattr(args, "out", None)
     if out is None:
@@ -504,8 +514,14 @@ def _train(args: argparse.Namespace) -> int:
     _threads(args)
     spec, out = _train_spec(args)
     try:
+        on_step = None
+        if getattr(args, "progress_file", None):  # subpeft compare follows its runs' steps through this file
+            def on_step(trainer, step, path=args.progress_file):
+                with open(path, "w") as f:  # not durable on purpose: a half-written line is read again later
+                    f.write(f"{step} {trainer.args.total_steps}\n")
+
         m = train_run(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                      echo=not args.quiet)
+                      echo=not args.quiet, on_step=on_step)
     except TrainingInterrupted as exc:
         hint = f"; continue with: subpeft train --out {out} --resume" if exc.checkpoint else ""
         if os.environ.get("RANK", "0") == "0":
@@ -555,7 +571,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .app.compare import run_compare, weight_methods
+    from .app.compare import run_compare, split_methods, weight_methods
     from .training.loop import setting_problem
 
     _threads(args)
@@ -565,8 +581,8 @@ def _compare(args: argparse.Namespace) -> int:
     if "data" in common:
         common["task"] = None
     methods = []
-    for m in (m.strip() for m in args.methods.split(",")):
-        for name in (weight_methods() if m == "all" else [m] if m else []):
+    for m in split_methods(args.methods):
+        for name in (weight_methods() if m == "all" else [m]):
             if name not in methods:
                 methods.append(name)
     lr: dict[str, float] = {}
@@ -579,6 +595,28 @@ def _compare(args: argparse.Namespace) -> int:
         problem = setting_problem("lr", lr[key if sep else "*"])
         if problem:
             raise UsageError(f"--lr {problem} (e.g. 2e-3 or lora=2e-3), got {item!r}")
+    grid: dict[str, object] = {}
+    for item in args.lr_grid or []:
+        key, sep, values = item.rpartition("=")
+        key = key.strip() if sep else "*"
+        if values.strip().lower() == "auto":
+            grid[key] = "auto"
+            continue
+        try:
+            rates = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            rates = []
+        if not rates or any(setting_problem("lr", x) for x in rates):
+            raise UsageError(f"--lr-grid takes [NAME=]X,Y,... (positive numbers, e.g. 3e-4,1e-3,3e-3 or "
+                             f"full=1e-5,3e-5,1e-4) or [NAME=]auto, got {item!r}")
+        grid[key] = rates
+    baselines = None
+    if args.baselines is not None:
+        text = args.baselines.strip().lower()
+        baselines = [] if text == "none" else [b.strip() for b in text.split(",") if b.strip()]
+        if not baselines and text != "none":
+            raise UsageError(f"--baselines takes none, full, head (untrained for generation) or a list such as "
+                             f"full,head; got {args.baselines!r}")
     options: dict[str, dict] = {}
     for key, value in _parse_sets(args.set or []).items():
         method, dot, option = key.partition(".")
@@ -591,9 +629,11 @@ def _compare(args: argparse.Namespace) -> int:
     import shlex
 
     command = "subpeft " + shlex.join(args.argv)
-    results = run_compare(methods, common, out, seeds=seeds, lr=lr, options=options, in_process=args.in_process,
+    results = run_compare(methods, common, out, seeds=seeds, lr=lr, lr_grid=grid, options=options,
+                          baselines=baselines, in_process=args.in_process,
                           resume=args.resume, overwrite=args.overwrite, threads=args.threads, command=command,
-                          echo=(lambda s: None) if args.quiet else print)
+                          echo=(lambda s: None) if args.quiet else print,
+                          bar=not args.quiet and sys.stderr.isatty())
     from .app.compare import markdown
 
     print(markdown(results))
@@ -613,7 +653,8 @@ def _add_train_parsers(sub) -> None:
     _data_options(p)
     _run_options(p)
     p.add_argument("--lr", type=float, default=_S, help="peak learning rate (default: by family, see DEFAULT_LR)")
-    p.add_argument("--seed", type=int, default=_S, help="seed of the split, head and adapter init, batch order")
+    p.add_argument("--seed", type=int, default=_S, help="seed of the head and adapter init and the batch order "
+                   "(the split has its own, --split-seed)")
     p.add_argument("--eval-every", type=int, default=_S, help="evaluate on dev every N steps, keep the best in DIR/best")
     p.add_argument("--load-best-at-end", action="store_true", default=_S, help="end with the best dev checkpoint")
     p.add_argument("--save-every", type=int, default=_S, help="write the resumable checkpoint every N steps "
@@ -629,6 +670,7 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--out", help="output folder (default runs/<method>-<task>); a folder that already holds "
                    "files needs --resume or --overwrite")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--progress-file", help=argparse.SUPPRESS)  # "step total" after each step, for subpeft compare
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out: the files a run writes "
                    "(adapter, run.json, metrics.json, train.log, checkpoints/last, best/) are removed, other "
                    "files stay")
@@ -641,19 +683,32 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--json", help="also write the result to this JSON file")
 
     p = sub.add_parser("compare", help="several methods and the baselines on one task: table, JSON, plot")
-    p.add_argument("--methods", required=True, help="comma-separated method names; 'all' stands for every weight-space "
-                                                     "method (e.g. all,houlsby,prompt_tuning)")
+    p.add_argument("--methods", required=True, help="comma-separated entries: a method name, or a method with "
+                   "options in brackets, so that one method can appear with several settings side by side, e.g. "
+                   "'lora[r=2],lora[r=4],lora[r=4,mpc=o],lora_dash[r=2]' (quote it in the shell; values are JSON, "
+                   "else text); each entry is one row labelled with its options ('lora r=4 mpc=o'); 'all' stands "
+                   "for every weight-space method (e.g. all,houlsby,prompt_tuning)")
+    p.add_argument("--baselines", metavar="LIST", help="none, or some of full,head (generation: full,untrained); "
+                   "default: both. Without full, %% of full FT shows '-'")
     _data_options(p)
     _run_options(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     p.add_argument("--seed-list", help="explicit seeds, e.g. 0,5,7 (instead of --seeds)")
-    p.add_argument("--lr", action="append", metavar="[NAME=]X", help="learning rate for all, or for a method or "
-                   "family (repeatable): --lr extension=1e-3 --lr ia3=1e-2")
-    p.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="a method option, e.g. lora.r=16")
+    p.add_argument("--lr", action="append", metavar="[NAME=]X", help="learning rate for all, or for an entry (as "
+                   "written in --methods), a method, a kind or a family (repeatable): --lr extension=1e-3 --lr ia3=1e-2 "
+                   "--lr 'lora[r=2]=3e-3'")
+    p.add_argument("--lr-grid", action="append", metavar="[NAME=]X,Y,...|auto", help="tune the learning rate: each "
+                   "entry trains once per lr of the grid (first seed), scored on the dev split only (the search runs "
+                   "never read the test split), and the best dev lr is used for every seed; NAME as for --lr "
+                   "(repeatable): --lr-grid 3e-4,1e-3,3e-3 --lr-grid full=1e-5,3e-5,1e-4. 'auto': each entry's "
+                   "default lr x 1/3, 1, 3. The most specific of --lr and --lr-grid decides an entry's lr")
+    p.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="a method option for every entry of "
+                   "that method, e.g. lora.r=16 (bracket options in --methods win)")
     p.add_argument("--out", help="output folder (default runs/compare/<task>)")
     p.add_argument("--in-process", action="store_true", help="run every training in this process (faster start; "
                    "memory figures then not per run)")
-    p.add_argument("--resume", action="store_true", help="skip runs that already wrote metrics.json")
+    p.add_argument("--resume", action="store_true", help="keep the finished runs (metrics.json) of the comparison in "
+                   "--out; a finished run whose settings differ from this command's is an error")
     p.add_argument("--overwrite", action="store_true", help="replace the comparison in --out (its results and "
                    "the runs it makes; other files stay)")
 

