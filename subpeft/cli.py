@@ -702,6 +702,8 @@ def _add_train_parsers(sub) -> None:
                    "never read the test split), and the best dev lr is used for every seed; NAME as for --lr "
                    "(repeatable): --lr-grid 3e-4,1e-3,3e-3 --lr-grid full=1e-5,3e-5,1e-4. 'auto': each entry's "
                    "default lr x 1/3, 1, 3. The most specific of --lr and --lr-grid decides an entry's lr")
+    p.add_argument("--eval-every", type=int, default=_S, help="score the dev split every N steps of each run: the "
+                   "curve goes into each run's metrics.json (dev.history); the runs keep no weights")
     p.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="a method option for every entry of "
                    "that method, e.g. lora.r=16 (bracket options in --methods win)")
     p.add_argument("--out", help="output folder (default runs/compare/<task>)")

@@ -356,6 +356,9 @@ def _has_weights(run_dir: Path) -> bool:
 
 
 def _drop_weights(run_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(run_dir / "best", ignore_errors=True)  # the best dev adapter of --eval-every
     for name in _WEIGHT_FILES:
         try:
             (run_dir / name).unlink()

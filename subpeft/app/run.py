@@ -359,7 +359,8 @@ class RunSpec(TrainSettings):
         resolved, a fresh head's lr when the model has ``heads``): the one place a run spec becomes them."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)}
         settings.update(lr=self.resolved_lr, head_lr=self.resolved_head_lr if heads else None)
-        return TrainArgs(**settings, total_steps=total_steps, progress=progress, head_modules=tuple(heads))
+        return TrainArgs(**settings, total_steps=total_steps, progress=progress, head_modules=tuple(heads),
+                         keep_best=self.save or self.load_best_at_end)  # --no-save runs write no weights
 
 
 class RunLog:

@@ -195,6 +195,7 @@ class TrainArgs(TrainSettings):
     head_modules: tuple[str, ...] = ()
     finalize: bool = True  # call the model's finalize() hook once training has ended
     desc: str = "train"  # the progress bar's label
+    keep_best: bool = True  # write the best dev adapter to out_dir/best (load_best_at_end needs it)
 
     #: settings that may be None (head_lr: no separate head lr; max_grad_norm: no clipping)
     OPTIONAL = ("head_lr", "max_grad_norm")
@@ -484,7 +485,8 @@ class Trainer:
 
     @property
     def best_dir(self) -> Path | None:
-        return self.out_dir / "best" if self.out_dir is not None else None
+        keep = self.args.keep_best or self.args.load_best_at_end
+        return self.out_dir / "best" if self.out_dir is not None and keep else None
 
     def request_stop(self) -> None:
         """Stop after the current optimizer step, writing the checkpoint (what Ctrl-C does)."""

@@ -333,3 +333,16 @@ def test_progress_follows_the_runs_steps(tiny, tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "q")]) == 0
     captured = capsys.readouterr()
     assert "[1/1]" not in captured.out + captured.err and "step" not in captured.err
+
+
+def test_eval_every_records_the_dev_curve_and_keeps_no_weights(tiny, tmp_path):
+    """compare --eval-every: every run's metrics.json has its dev curve; no run (search runs included) keeps a
+    best/ adapter or any weights once the comparison has finished."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--methods", "ia3", "--seeds",
+                 "2", "--max-steps", "4", "--batch-size", "8", "--eval-every", "2", "--lr-grid", "1e-3,1e-2",
+                 "--baselines", "none", "--in-process", "--quiet", "--out", str(out)]) == 0
+    for seed in (0, 1):
+        m = json.loads((out / "runs" / "ia3" / f"seed{seed}" / "metrics.json").read_text())
+        assert [h["step"] for h in m["dev"]["history"]] == [2, 4]
+    assert not list(out.rglob("best")) and not list(out.rglob("*.safetensors"))
