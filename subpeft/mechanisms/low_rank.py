@@ -14,6 +14,7 @@ which no longer merges (it is the parallel adapter).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -77,14 +78,23 @@ def _success_positions(n: int, q: float, device: torch.device) -> torch.Tensor:
         gaps = torch.rand(m, dtype=dtype, device=device).neg_().log1p_().mul_(inv_lg)  # >= 0: to() floors
         if dtype == torch.float64:
             gaps.clamp_(max=n)
-        gaps = gaps.add_(1).to(torch.int64)
-        gaps[:1].add_(last)
-        pos = torch.cumsum(gaps, 0)
+        pos = gaps.add_(1).to(torch.int64)
+        pos[:1].add_(last)
+        torch.cumsum(pos, 0, out=pos)  # in place: one int64 array fewer to allocate
         k = int(torch.searchsorted(pos, n))  # the number of positions below n (pos is increasing)
         parts.append(pos[:k])
         if k < m:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         last = int(pos[-1])
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    """How many tensors share ``t``'s storage (plus a constant: the storage object asked): views and
+    ``detach()`` copies count, as do numpy arrays on it; the value for ``t`` alone is read at creation."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_POOL_LOCK = threading.Lock()
 
 
 class LowRankDropout(nn.Dropout):
@@ -124,6 +134,35 @@ class LowRankDropout(nn.Dropout):
         """A copy of ``x`` (contiguous) with the elements at the flat ``positions`` set to 0 (unscaled)."""
         return x.reshape(-1).index_fill(0, positions, 0.0).view(x.shape)
 
+    def masked(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`mask` (the same values) written into a buffer this module keeps from one training step
+        to the next and reuses once nothing holds it any more (no tensor, view or array on its storage:
+        the fused node frees its saved copy after the backward). A fresh allocation of that size costs
+        more than the copy itself (the OS maps and zeroes new pages: ~40% of the dropout's time on
+        MiniLM). Dropped in eval mode and not pickled or deep-copied. Not differentiable (the fused
+        node's forward calls it, under no_grad)."""
+        n = x.numel()
+        with _POOL_LOCK:  # check-and-claim: the view below holds the storage until its owner drops it
+            pool = self.__dict__.get("_pool")
+            if pool is None or pool[0].numel() != n or pool[0].dtype != x.dtype or pool[0].device != x.device \
+                    or _storage_refs(pool[0]) != pool[1]:
+                buf = torch.empty(n, dtype=x.dtype, device=x.device)
+                pool = self.__dict__["_pool"] = (buf, _storage_refs(buf))
+            out = pool[0].view(x.shape)
+        out.copy_(x)
+        out.view(-1).index_fill_(0, positions, 0.0)
+        return out
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.__dict__.pop("_pool", None)
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_pool", None)
+        return state
+
     @property
     def scale(self) -> float:
         return 1.0 / (1.0 - self.p)
@@ -155,9 +194,12 @@ class FusedLowRankLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, scaling, drop_at=None, core=None, diag=False):
+    def forward(ctx, x, W, bias, A, B, scaling, drop_at=None, core=None, diag=False, dropout=None):
         x2 = x.reshape(-1, x.shape[-1])
-        xd = x if drop_at is None else LowRankDropout.mask(x, drop_at)
+        if drop_at is None:
+            xd = x
+        else:  # the masked copy, into the dropout's reused buffer when there is one
+            xd = LowRankDropout.mask(x, drop_at) if dropout is None else dropout.masked(x, drop_at)
         h = torch.mm(xd.reshape(-1, x.shape[-1]), A.t())  # (N, r)
         m = h if core is None else (h * core if diag else torch.mm(h, core.t()))
         y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
@@ -212,7 +254,7 @@ class FusedLowRankLinear(torch.autograd.Function):
             # sums, bitwise equal on the shapes measured, but MKL does not promise it (on some tiny float64
             # shapes the two differ in the last bit)
             grad_B = torch.mm((h if m is None else m).t(), g).mul_(s).t()
-        return (grad_x, grad_W, grad_b, grad_A, grad_B, None, None, grad_core, None)[:len(needs)]
+        return (grad_x, grad_W, grad_b, grad_A, grad_B, None, None, grad_core, None, None)[:len(needs)]
 
 
 class LowRankAdapter(Adapter):
@@ -329,8 +371,9 @@ class LowRankAdapter(Adapter):
                 if drop is not None and drop.training and drop.p > 0:
                     drop_at, scaling = drop.positions(x), scaling * drop.scale
                 if core is None:
-                    return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at)
-                return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at, *core)
+                    core = (None, False)
+                return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at, *core,
+                                                drop if drop_at is not None else None)
         return self.add_delta(base(x), x)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
