@@ -61,24 +61,30 @@ class LowRank(AdapterConfig):
         return self.mpc != "n" and super().mergeable
 
 
-def _success_positions(n: int, q: float, device: torch.device) -> torch.Tensor:
+def _success_positions(n: int, q: float, device: torch.device, buffer=None) -> torch.Tensor:
     """Sorted positions of the successes among ``n`` Bernoulli(q) trials, 0 < q <= 0.5.
 
     Drawn as geometric gaps between successes: the number of failures before each success is
     ``floor(log(1 − u) / log(1 − q))`` with u uniform in [0, 1), so the random draws number about
     ``n·q`` instead of ``n``. u is float32 for q >= 1e-3 (24 bits: the gap law is exact to ~6e-8;
     gaps longer than log(2⁻²⁴)/log(1 − q), a chance of 6e-8, are never drawn), float64 below.
-    Deterministic given torch's RNG state; consumes it."""
+    Deterministic given torch's RNG state; consumes it. ``buffer(key, numel, dtype)``, if given, supplies
+    the first round's two work arrays (the same draws and values as fresh ones: see :func:`_pooled`)."""
     dtype = torch.float32 if q >= 1e-3 else torch.float64
     inv_lg = 1.0 / math.log1p(-q)
     parts, last = [], -1  # last: the position of the last success so far
     while True:
         mean = (n - last - 1) * q
         m = int(mean + 6.0 * math.sqrt(mean * (1.0 - q)) + 16)  # enough to pass n almost always
-        gaps = torch.rand(m, dtype=dtype, device=device).neg_().log1p_().mul_(inv_lg)  # >= 0: to() floors
+        if buffer is not None and not parts:  # torch.rand(m) and .to(int64), into reused arrays
+            u, pos = buffer("u", m, dtype).uniform_(), buffer("pos", m, torch.int64)
+        else:
+            u, pos = torch.rand(m, dtype=dtype, device=device), None
+        gaps = u.neg_().log1p_().mul_(inv_lg)  # >= 0: the cast to int64 floors
         if dtype == torch.float64:
             gaps.clamp_(max=n)
-        pos = gaps.add_(1).to(torch.int64)
+        gaps.add_(1)
+        pos = gaps.to(torch.int64) if pos is None else pos.copy_(gaps)
         pos[:1].add_(last)
         torch.cumsum(pos, 0, out=pos)  # in place: one int64 array fewer to allocate
         k = int(torch.searchsorted(pos, n))  # the number of positions below n (pos is increasing)
@@ -95,6 +101,22 @@ def _storage_refs(t: torch.Tensor) -> int:
 
 
 _POOL_LOCK = threading.Lock()
+
+
+def _pooled(owner: nn.Module, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat uninitialised ``numel``-element tensor from ``owner``'s pool (``owner._pool[key]``): the one
+    handed out last time if nothing holds its storage any more, else a new one that replaces it.
+    Returned as a view, created under a lock: the view itself marks it as taken until dropped (with
+    every tensor, view or array made from it, e.g. the copy a backward node saves). This saves
+    the OS mapping and zeroing fresh pages for every large temporary of every training step."""
+    with _POOL_LOCK:
+        pool = owner.__dict__.setdefault("_pool", {})
+        entry = pool.get(key)
+        if entry is None or entry[0].numel() != numel or entry[0].dtype != dtype or entry[0].device != device \
+                or _storage_refs(entry[0]) != entry[1]:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            entry = pool[key] = (buf, _storage_refs(buf))
+        return entry[0].view(-1)
 
 
 class LowRankDropout(nn.Dropout):
@@ -124,7 +146,7 @@ class LowRankDropout(nn.Dropout):
         if n == 0:
             return torch.zeros(0, dtype=torch.long, device=x.device)
         if p <= 0.5:
-            return _success_positions(n, p, x.device)
+            return _success_positions(n, p, x.device, self._buffer(x.device))
         keep = torch.ones(n, dtype=torch.bool, device=x.device)
         keep[_success_positions(n, 1.0 - p, x.device)] = False
         return keep.nonzero().view(-1)
@@ -141,17 +163,16 @@ class LowRankDropout(nn.Dropout):
         more than the copy itself (the OS maps and zeroes new pages: ~40% of the dropout's time on
         MiniLM). Dropped in eval mode and not pickled or deep-copied. Not differentiable (the fused
         node's forward calls it, under no_grad)."""
-        n = x.numel()
-        with _POOL_LOCK:  # check-and-claim: the view below holds the storage until its owner drops it
-            pool = self.__dict__.get("_pool")
-            if pool is None or pool[0].numel() != n or pool[0].dtype != x.dtype or pool[0].device != x.device \
-                    or _storage_refs(pool[0]) != pool[1]:
-                buf = torch.empty(n, dtype=x.dtype, device=x.device)
-                pool = self.__dict__["_pool"] = (buf, _storage_refs(buf))
-            out = pool[0].view(x.shape)
+        out = _pooled(self, "masked", x.numel(), x.dtype, x.device).view(x.shape)
         out.copy_(x)
         out.view(-1).index_fill_(0, positions, 0.0)
         return out
+
+    def _buffer(self, device: torch.device):
+        """The sampler's work arrays from this module's pool (training only)."""
+        if not self.training:
+            return None
+        return lambda key, numel, dtype: _pooled(self, key, numel, dtype, device)
 
     def train(self, mode: bool = True):
         if not mode:
