@@ -94,10 +94,13 @@ def _success_positions(n: int, q: float, device: torch.device, buffer=None) -> t
         last = int(pos[-1])
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private: without it nothing is reused
+
+
 def _storage_refs(t: torch.Tensor) -> int:
     """How many tensors share ``t``'s storage (plus a constant: the storage object asked): views and
     ``detach()`` copies count, as do numpy arrays on it; the value for ``t`` alone is read at creation."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    return _USE_COUNT(t.untyped_storage()._cdata)
 
 
 _POOL_LOCK = threading.Lock()
@@ -109,6 +112,8 @@ def _pooled(owner: nn.Module, key: str, numel: int, dtype: torch.dtype, device: 
     Returned as a view, created under a lock: the view itself marks it as taken until dropped (with
     every tensor, view or array made from it, e.g. the copy a backward node saves). This saves
     the OS mapping and zeroing fresh pages for every large temporary of every training step."""
+    if _USE_COUNT is None:
+        return torch.empty(numel, dtype=dtype, device=device)
     with _POOL_LOCK:
         pool = owner.__dict__.setdefault("_pool", {})
         entry = pool.get(key)
@@ -130,7 +135,10 @@ class LowRankDropout(nn.Dropout):
     nn.Linear/Conv1D the low-rank path (generic and fused alike) zeroes them with :meth:`mask` and
     folds 1/(1−p) into its scale: ``s/(1−p)·B·G·A·mask(x)``, the same function as
     ``s·B·G·A·dropout(x)``, and a backward that is one sparse fix-up of the input gradient instead of
-    three passes over it. Elsewhere ``forward`` returns ``mask(x)·1/(1−p)``. On other devices,
+    three passes over it. Elsewhere ``forward`` returns ``mask(x)·1/(1−p)``. In training, the sampler's
+    arrays and the fused node's masked copy come from a per-module pool reused across steps once
+    nothing holds them (:func:`_pooled`): the module keeps them (the size of its last input) until
+    ``eval()``. On other devices,
     under a torch.func transform (vmap, grad) and for p = 1 it is ``F.dropout`` (and the fused node
     is not used); under ``torch.compile`` too.
     """
@@ -141,7 +149,8 @@ class LowRankDropout(nn.Dropout):
         return x.device.type == "cpu" and 0.0 < self.p < 1.0 and not torch.compiler.is_compiling()
 
     def positions(self, x: torch.Tensor) -> torch.Tensor:
-        """The flat positions (sorted, int64) of the elements of ``x`` to drop; consumes the RNG."""
+        """The flat positions (sorted, int64) of the elements of ``x`` to drop; consumes the RNG. In training
+        a view of a pooled array: it stays valid as long as it (or anything made from it) is held."""
         p, n = float(self.p), x.numel()
         if n == 0:
             return torch.zeros(0, dtype=torch.long, device=x.device)
@@ -160,8 +169,8 @@ class LowRankDropout(nn.Dropout):
         """:meth:`mask` (the same values) written into a buffer this module keeps from one training step
         to the next and reuses once nothing holds it any more (no tensor, view or array on its storage:
         the fused node frees its saved copy after the backward). A fresh allocation of that size costs
-        more than the copy itself (the OS maps and zeroes new pages: ~40% of the dropout's time on
-        MiniLM). Dropped in eval mode and not pickled or deep-copied. Not differentiable (the fused
+        more than the copy itself (the OS maps and zeroes new pages: about a third of the dropout's
+        extra time per step on MiniLM, 1 thread). Dropped in eval mode and not pickled or deep-copied. Not differentiable (the fused
         node's forward calls it, under no_grad)."""
         out = _pooled(self, "masked", x.numel(), x.dtype, x.device).view(x.shape)
         out.copy_(x)
