@@ -25,6 +25,7 @@ form with its own scale s.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -84,31 +85,67 @@ class LowRank(AdapterConfig):
         return self.mpc != "n" and super().mergeable
 
 
-def _success_positions(n: int, q: float, device: torch.device) -> torch.Tensor:
+def _success_positions(n: int, q: float, device: torch.device, buffer=None) -> torch.Tensor:
     """Sorted positions of the successes among ``n`` Bernoulli(q) trials, 0 < q <= 0.5.
 
     Drawn as geometric gaps between successes: the number of failures before each success is
     ``floor(log(1 − u) / log(1 − q))`` with u uniform in [0, 1), so the random draws number about
     ``n·q`` instead of ``n``. u is float32 for q >= 1e-3 (24 bits: the gap law is exact to ~6e-8;
     gaps longer than log(2⁻²⁴)/log(1 − q), a chance of 6e-8, are never drawn), float64 below.
-    Deterministic given torch's RNG state; consumes it."""
+    Deterministic given torch's RNG state; consumes it. ``buffer(key, numel, dtype)``, if given, supplies
+    the first round's two work arrays (the same draws and values as fresh ones: see :func:`_pooled`)."""
     dtype = torch.float32 if q >= 1e-3 else torch.float64
     inv_lg = 1.0 / math.log1p(-q)
     parts, last = [], -1  # last: the position of the last success so far
     while True:
         mean = (n - last - 1) * q
         m = int(mean + 6.0 * math.sqrt(mean * (1.0 - q)) + 16)  # enough to pass n almost always
-        gaps = torch.rand(m, dtype=dtype, device=device).neg_().log1p_().mul_(inv_lg)  # >= 0: to() floors
+        if buffer is not None and not parts:  # torch.rand(m) and .to(int64), into reused arrays
+            u, pos = buffer("u", m, dtype).uniform_(), buffer("pos", m, torch.int64)
+        else:
+            u, pos = torch.rand(m, dtype=dtype, device=device), None
+        gaps = u.neg_().log1p_().mul_(inv_lg)  # >= 0: the cast to int64 floors
         if dtype == torch.float64:
             gaps.clamp_(max=n)
-        gaps = gaps.add_(1).to(torch.int64)
-        gaps[:1].add_(last)
-        pos = torch.cumsum(gaps, 0)
+        gaps.add_(1)
+        pos = gaps.to(torch.int64) if pos is None else pos.copy_(gaps)
+        pos[:1].add_(last)
+        torch.cumsum(pos, 0, out=pos)  # in place: one int64 array fewer to allocate
         k = int(torch.searchsorted(pos, n))  # the number of positions below n (pos is increasing)
         parts.append(pos[:k])
         if k < m:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         last = int(pos[-1])
+
+
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private: without it nothing is reused
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    """How many tensors share ``t``'s storage (plus a constant: the storage object asked): views and
+    ``detach()`` copies count, as do numpy arrays on it; the value for ``t`` alone is read at creation."""
+    return _USE_COUNT(t.untyped_storage()._cdata)
+
+
+_POOL_LOCK = threading.Lock()
+
+
+def _pooled(owner: nn.Module, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat uninitialised ``numel``-element tensor from ``owner``'s pool (``owner._pool[key]``): the one
+    handed out last time if nothing holds its storage any more, else a new one that replaces it.
+    Returned as a view, created under a lock: the view itself marks it as taken until dropped (with
+    every tensor, view or array made from it, e.g. the copy a backward node saves). This saves
+    the OS mapping and zeroing fresh pages for every large temporary of every training step."""
+    if _USE_COUNT is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    with _POOL_LOCK:
+        pool = owner.__dict__.setdefault("_pool", {})
+        entry = pool.get(key)
+        if entry is None or entry[0].numel() != numel or entry[0].dtype != dtype or entry[0].device != device \
+                or _storage_refs(entry[0]) != entry[1]:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            entry = pool[key] = (buf, _storage_refs(buf))
+        return entry[0].view(-1)
 
 
 class LowRankDropout(nn.Dropout):
@@ -122,7 +159,10 @@ class LowRankDropout(nn.Dropout):
     nn.Linear/Conv1D the low-rank path (generic and fused alike) zeroes them with :meth:`mask` and
     folds 1/(1−p) into its scale: ``s/(1−p)·B·G·A·mask(x)``, the same function as
     ``s·B·G·A·dropout(x)``, and a backward that is one sparse fix-up of the input gradient instead of
-    three passes over it. Elsewhere ``forward`` returns ``mask(x)·1/(1−p)``. On other devices,
+    three passes over it. Elsewhere ``forward`` returns ``mask(x)·1/(1−p)``. In training, the sampler's
+    arrays and the fused node's masked copy come from a per-module pool reused across steps once
+    nothing holds them (:func:`_pooled`): the module keeps them (the size of its last input) until
+    ``eval()``. On other devices,
     under a torch.func transform (vmap, grad) and for p = 1 it is ``F.dropout`` (and the fused node
     is not used); under ``torch.compile`` too.
     """
@@ -133,12 +173,13 @@ class LowRankDropout(nn.Dropout):
         return x.device.type == "cpu" and 0.0 < self.p < 1.0 and not torch.compiler.is_compiling()
 
     def positions(self, x: torch.Tensor) -> torch.Tensor:
-        """The flat positions (sorted, int64) of the elements of ``x`` to drop; consumes the RNG."""
+        """The flat positions (sorted, int64) of the elements of ``x`` to drop; consumes the RNG. In training
+        a view of a pooled array: it stays valid as long as it (or anything made from it) is held."""
         p, n = float(self.p), x.numel()
         if n == 0:
             return torch.zeros(0, dtype=torch.long, device=x.device)
         if p <= 0.5:
-            return _success_positions(n, p, x.device)
+            return _success_positions(n, p, x.device, self._buffer(x.device))
         keep = torch.ones(n, dtype=torch.bool, device=x.device)
         keep[_success_positions(n, 1.0 - p, x.device)] = False
         return keep.nonzero().view(-1)
@@ -147,6 +188,34 @@ class LowRankDropout(nn.Dropout):
     def mask(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A copy of ``x`` (contiguous) with the elements at the flat ``positions`` set to 0 (unscaled)."""
         return x.reshape(-1).index_fill(0, positions, 0.0).view(x.shape)
+
+    def masked(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`mask` (the same values) written into a buffer this module keeps from one training step
+        to the next and reuses once nothing holds it any more (no tensor, view or array on its storage:
+        the fused node frees its saved copy after the backward). A fresh allocation of that size costs
+        more than the copy itself (the OS maps and zeroes new pages: about a third of the dropout's
+        extra time per step on MiniLM, 1 thread). Dropped in eval mode and not pickled or deep-copied. Not differentiable (the fused
+        node's forward calls it, under no_grad)."""
+        out = _pooled(self, "masked", x.numel(), x.dtype, x.device).view(x.shape)
+        out.copy_(x)
+        out.view(-1).index_fill_(0, positions, 0.0)
+        return out
+
+    def _buffer(self, device: torch.device):
+        """The sampler's work arrays from this module's pool (training only)."""
+        if not self.training:
+            return None
+        return lambda key, numel, dtype: _pooled(self, key, numel, dtype, device)
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.__dict__.pop("_pool", None)
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_pool", None)
+        return state
 
     @property
     def scale(self) -> float:
@@ -179,9 +248,12 @@ class FusedLowRankLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, scaling, drop_at=None, core=None, diag=False):
+    def forward(ctx, x, W, bias, A, B, scaling, drop_at=None, core=None, diag=False, dropout=None):
         x2 = x.reshape(-1, x.shape[-1])
-        xd = x if drop_at is None else LowRankDropout.mask(x, drop_at)
+        if drop_at is None:
+            xd = x
+        else:  # the masked copy, into the dropout's reused buffer when there is one
+            xd = LowRankDropout.mask(x, drop_at) if dropout is None else dropout.masked(x, drop_at)
         h = torch.mm(xd.reshape(-1, x.shape[-1]), A.t())  # (N, r)
         m = h if core is None else (h * core if diag else torch.mm(h, core.t()))
         y = torch.addmm(bias, x2, W.t()) if bias is not None else torch.mm(x2, W.t())
@@ -236,7 +308,7 @@ class FusedLowRankLinear(torch.autograd.Function):
             # sums, bitwise equal on the shapes measured, but MKL does not promise it (on some tiny float64
             # shapes the two differ in the last bit)
             grad_B = torch.mm((h if m is None else m).t(), g).mul_(s).t()
-        return (grad_x, grad_W, grad_b, grad_A, grad_B, None, None, grad_core, None)[:len(needs)]
+        return (grad_x, grad_W, grad_b, grad_A, grad_B, None, None, grad_core, None, None)[:len(needs)]
 
 
 class LowRankAdapter(Adapter):
@@ -361,8 +433,9 @@ class LowRankAdapter(Adapter):
                 if drop is not None and drop.training and drop.p > 0:
                     drop_at, scaling = drop.positions(x), scaling * drop.scale
                 if core is None:
-                    return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at)
-                return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at, *core)
+                    core = (None, False)
+                return FusedLowRankLinear.apply(x, base.weight, base.bias, A, B, scaling, drop_at, *core,
+                                                drop if drop_at is not None else None)
         return self.add_delta(base(x), x)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

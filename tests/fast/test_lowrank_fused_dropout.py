@@ -170,3 +170,67 @@ def test_fused_node_is_not_used_where_the_dropout_is_torch_s():
     tuned.eval()
     y_eval = tuned(x)
     assert not torch.equal(y, y_eval)
+
+
+def test_reused_buffers_are_never_taken_while_held():
+    """The masked copy and the sampler's arrays are reused from step to step only once nothing holds them:
+    steps give the same results as fresh allocations, a graph kept alive keeps its buffers, eval drops them."""
+    tuned = _model("lora", 0.3, torch.float32)
+    x = torch.randn(4, 33, 7)
+    first = _run(tuned, x, generic=False)
+    drops = [a.dropout for _, a in tuned.adapters_of("default")]
+    assert all("masked" in d.__dict__["_pool"] and "pos" in d.__dict__["_pool"] for d in drops)
+    kept = {id(d): d.__dict__["_pool"]["masked"][0] for d in drops}
+    for _ in range(2):  # the buffers now come back from the pool: the same results
+        again = _run(tuned, x, generic=False)
+        for got, want in zip(again, first, strict=True):
+            assert torch.equal(got, want)
+    assert all(d.__dict__["_pool"]["masked"][0] is kept[id(d)] for d in drops), "reused once free"
+    # two forwards before any backward (a graph kept alive): the second must not overwrite the first's copy
+    tuned.train()
+    torch.manual_seed(1)
+    y1 = tuned(x)
+    torch.manual_seed(2)
+    y2 = tuned(x)
+    (y1.sin().sum() + y2.cos().sum()).backward()
+    grads = [p.grad.clone() for p in tuned.parameters() if p.requires_grad]
+    tuned.zero_grad(set_to_none=True)
+    handles = [a.base_layer.register_forward_hook(lambda m, i, o: None) for _, a in tuned.adapters_of("default")]
+    torch.manual_seed(1)
+    g1 = tuned(x)
+    torch.manual_seed(2)
+    g2 = tuned(x)
+    (g1.sin().sum() + g2.cos().sum()).backward()
+    for h in handles:
+        h.remove()
+    assert torch.equal(y1, g1) and torch.equal(y2, g2)
+    for got, p in zip(grads, [p for p in tuned.parameters() if p.requires_grad], strict=True):
+        assert torch.equal(got, p.grad)
+    # a tensor made from a buffer's storage (a view, a detach, an array) holds it
+    d = drops[0]
+    torch.manual_seed(0)
+    pos = d.positions(torch.empty(4, 33, 7))
+    held = pos.detach().clone()
+    torch.manual_seed(9)
+    other = d.positions(torch.empty(4, 33, 7))
+    assert torch.equal(pos, held), "a pooled array still held was overwritten"
+    assert pos.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
+    # not pickled / deep-copied; dropped in eval mode
+    import copy
+    import pickle
+    assert "_pool" not in copy.deepcopy(d).__dict__
+    assert "_pool" not in pickle.loads(pickle.dumps(d)).__dict__
+    tuned.eval()
+    assert all("_pool" not in d.__dict__ for d in drops)
+
+
+def test_fused_dropout_retain_graph_and_double_backward_with_reused_buffers():
+    tuned = _model("lora", 0.3, torch.float32)
+    x = torch.randn(4, 33, 7, requires_grad=True)
+    tuned.train()
+    torch.manual_seed(4)
+    y = tuned(x)
+    (gx,) = torch.autograd.grad(y.sin().sum(), x, retain_graph=True)
+    _run(tuned, x.detach(), generic=False)  # another step in between: must not touch y's saved copies
+    (gx2,) = torch.autograd.grad(y.sin().sum(), x)
+    assert torch.equal(gx, gx2)
