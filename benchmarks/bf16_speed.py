@@ -30,6 +30,7 @@ from lora_speed import (  # noqa: E402
     TARGETS,
     load_base,
     machine_info,
+    make_inputs,
     make_peft,
     ratio,
     run_interleaved,
@@ -67,10 +68,7 @@ def main() -> dict:
     import subpeft as sp
 
     base = load_base()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, base.config.vocab_size, (BATCH, SEQ), generator=g)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 3, (BATCH,), generator=g)
+    ids, mask, labels = make_inputs(base.config.vocab_size)
     lora = sp.attach(copy.deepcopy(base), sp.LoRA(r=R, alpha=ALPHA, dropout=0.0, targets=list(TARGETS)))
     dora = sp.attach(copy.deepcopy(base), sp.DoRA(r=R, alpha=ALPHA, dropout=0.0, targets=list(TARGETS)))
     peft = make_peft(base, lora)

@@ -33,6 +33,7 @@ from lora_speed import (  # noqa: E402
     TARGETS,
     load_base,
     machine_info,
+    make_inputs,
     ratio,
     run_interleaved,
     summarize,
@@ -54,10 +55,7 @@ def main() -> dict:
     import subpeft as sp
 
     base = load_base()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, base.config.vocab_size, (BATCH, SEQ), generator=g)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 3, (BATCH,), generator=g)
+    ids, mask, labels = make_inputs(base.config.vocab_size)
 
     steps, first_call_s, explain = {}, {}, {}
     for method, cls in (("lora", sp.LoRA), ("dora", sp.DoRA)):

@@ -32,11 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from lora_speed import (  # noqa: E402
     BATCH,
-    NUM_LABELS,
     SEQ,
     TARGETS,
     load_base,
     machine_info,
+    make_inputs,
     print_table,
     ratio,
     run_interleaved,
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(info, indent=1))
     base = load_base()
     base.eval()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=gen)
-    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    labels = torch.randint(0, NUM_LABELS, (BATCH,), generator=gen)
+    ids, mask, labels = make_inputs(base.config.vocab_size)
 
     results = {v: run_variant(base, v, ids, mask, labels, args) for v in variants}
     if hasattr(os, "getloadavg"):

@@ -193,6 +193,15 @@ def make_peft(base, tuned_sp, dropout: float = 0.0):
     return model
 
 
+def make_inputs(vocab_size: int, batch: int = BATCH, seq: int = SEQ):
+    """The benchmarks' batch: random token ids (seed 0), a full attention mask, random labels."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    labels = torch.randint(0, NUM_LABELS, (batch,), generator=gen)
+    return ids, mask, labels
+
+
 def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -311,10 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = load_base()
     base.eval()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=gen)
-    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    labels = torch.randint(0, NUM_LABELS, (BATCH,), generator=gen)
+    ids, mask, labels = make_inputs(base.config.vocab_size)
 
     # -- numerics check: all contenders compute the same function --------------------------------
     sp_model = make_subpeft(base)

@@ -60,6 +60,7 @@ from lora_speed import (  # noqa: E402
     infer_fn,
     load_base,
     machine_info,
+    make_inputs,
     ratio,
     run_interleaved,
     save_result,
@@ -306,14 +307,6 @@ def train_step_fn(c: Contender, model, ids, mask, labels) -> Callable[[], None]:
 
 def n_trainable(model) -> int:
     return sum(p.numel() for p in trainable(model))
-
-
-def make_inputs(vocab_size: int, batch: int = BATCH, seq: int = SEQ):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    labels = torch.randint(0, NUM_LABELS, (batch,), generator=gen)
-    return ids, mask, labels
 
 
 def perturb_(model, seed: int = 1, scale: float = 1e-2) -> None:
