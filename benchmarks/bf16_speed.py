@@ -13,7 +13,6 @@ the correctness of bf16 training for every weight-space method is a test (tests/
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -28,6 +27,7 @@ from lora_speed import (  # noqa: E402
     BATCH,
     SEQ,
     TARGETS,
+    interleaved_args,
     load_base,
     machine_info,
     make_inputs,
@@ -57,13 +57,7 @@ def step_fn(model, ids, mask, labels, bf16: bool):
 
 
 def main() -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/bf16_speed.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = interleaved_args(__doc__, "benchmarks/results/bf16_speed.json")
 
     import subpeft as sp
 

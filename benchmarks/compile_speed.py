@@ -14,7 +14,6 @@ on MiniLM (graphs and graph breaks; the tests assert 0 breaks inside subpeft on 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -31,6 +30,7 @@ from lora_speed import (  # noqa: E402
     BATCH,
     SEQ,
     TARGETS,
+    interleaved_args,
     load_base,
     machine_info,
     make_inputs,
@@ -44,13 +44,7 @@ R, ALPHA = 8, 16
 
 
 def main() -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/compile_speed.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = interleaved_args(__doc__, "benchmarks/results/compile_speed.json")
 
     import subpeft as sp
 

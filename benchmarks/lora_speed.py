@@ -193,6 +193,18 @@ def make_peft(base, tuned_sp, dropout: float = 0.0):
     return model
 
 
+def interleaved_args(doc: str, out: str, reps: int = 8) -> argparse.Namespace:
+    """The options of the small interleaved benchmarks (threads, reps, warm-up, output), parsed; threads set."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=out)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def make_inputs(vocab_size: int, batch: int = BATCH, seq: int = SEQ):
     """The benchmarks' batch: random token ids (seed 0), a full attention mask, random labels."""
     gen = torch.Generator().manual_seed(0)
