@@ -129,6 +129,10 @@ class SubpeftCallback(TrainerCallback):
     to the loss instead).
 
     ``tuned``: the TunedModel; by default the model the Trainer passes to the callback events.
+
+    The methods' phase events (LoRA-Dash's switch, AdaLoRA's final budget, Diff pruning's finalize) are
+    collected in :attr:`events` (the whole records), logged on the ``subpeft`` logger and added to the
+    Trainer's ``state.log_history`` (step, event, summary: ``trainer_state.json`` keeps them).
     """
 
     def __init__(self, tuned: nn.Module | None = None, *, regularization: bool = True, finalize: bool = True) -> None:
@@ -136,6 +140,18 @@ class SubpeftCallback(TrainerCallback):
         self.regularization = regularization
         self.finalize = finalize
         self.calls: int = 0  # optimizer steps seen (for checks)
+        self.events: list[dict[str, Any]] = []  # the methods' phase events, in order
+
+    def _take_events(self, hooks: TrainingHooks, state) -> None:
+        import logging
+
+        for event in hooks.events():
+            self.events.append(event)
+            logging.getLogger("subpeft").info("step %s: %s %s: %s", event.get("step"), event["method"],
+                                              event["event"], event["summary"])
+            step = event["step"] if event.get("step") is not None else state.global_step
+            state.log_history.append({"step": step, "subpeft_event": event["event"],
+                                      "method": event["method"], "summary": event["summary"]})
 
     def _hooks(self, kwargs: dict[str, Any]) -> TrainingHooks:
         return TrainingHooks(kwargs.get("model"), tuned=self.tuned)
@@ -156,11 +172,14 @@ class SubpeftCallback(TrainerCallback):
         if hooks:
             hooks.step(state.global_step + 1)  # global_step is incremented after zero_grad()
             self.calls += 1
+            self._take_events(hooks, state)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
         if self.finalize:
-            self._hooks(kwargs).finalize()
+            hooks = self._hooks(kwargs)
+            hooks.finalize()
+            self._take_events(hooks, state)
         return control
 
 

@@ -155,6 +155,23 @@ def test_schedules_run_by_themselves_under_trainer(tmp_path, kind):
     assert all(torch.count_nonzero(a.dash_sigma) > 0 for a in adapters), "Δσ trains after the switch"
 
 
+@pytest.mark.parametrize("kind", ["callback", "trainer"])
+def test_phase_events_reach_the_callback_and_the_log_history(tmp_path, kind):
+    """LoRA-Dash's switch and AdaLoRA's final budget, under the HF Trainer: in SubpeftCallback.events with
+    the step they happened at, and in the Trainer's log history (trainer_state.json)."""
+    dash = sp.LoRADash(r=4, prelaunch_steps=3, directions=2, targets=["query", "value"], modules_to_save=["classifier"])
+    _, _, trainer = _run(tmp_path, dash, kind=kind, steps=5)
+    cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SubpeftCallback))
+    assert [(e["event"], e["step"]) for e in cb.events] == [("dash_phase", 3)]
+    logged = [h for h in trainer.state.log_history if "subpeft_event" in h]
+    assert [(h["subpeft_event"], h["step"]) for h in logged] == [("dash_phase", 3)]
+    ada = sp.AdaLoRA(r=4, target_r=1, total_steps=6, init_warmup=1, final_warmup=2, mask_interval=1,
+                     targets=["query", "value"], modules_to_save=["classifier"])
+    _, _, trainer = _run(tmp_path, ada, kind=kind, steps=6)
+    cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SubpeftCallback))
+    assert "final_budget" in [e["event"] for e in cb.events]
+
+
 def test_without_the_integration_the_budget_never_runs(tmp_path):
     """The contrast: a plain Trainer without the callback leaves AdaLoRA at its full rank."""
     from transformers import Trainer
