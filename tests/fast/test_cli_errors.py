@@ -147,10 +147,15 @@ def test_ctrl_c_while_loading_the_model(tiny, tmp_path, capsys, monkeypatch):  #
 
     monkeypatch.setattr(run, "load_base", load_base)
     out = tmp_path / "run"
+    # a process started in the background by a shell inherits SIGINT ignored (Python then installs no
+    # handler): give it Python's default one, as in a terminal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = _run(_train(tiny, out))
     except KeyboardInterrupt:  # not caught by the command: fail this test, not the whole session
         pytest.fail("KeyboardInterrupt escaped from main()")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rc == 130
     assert "interrupted" in _one_line(capsys)
     assert not out.exists()
