@@ -239,13 +239,14 @@ def load_runs(task: str) -> list[dict]:
 
 
 def load_searches(task: str) -> dict[str, list[tuple[float, float]]]:
-    """(lr, dev score) of every finished lr-search run, per entry label (a search run scores dev as 'test')."""
+    """(lr, dev score) of every finished lr-search run, per entry label (a search run's score is its
+    ``dev_final``: it never loads the test split)."""
     out: dict[str, list[tuple[float, float]]] = {}
     for part in TASKS[task]["parts"]:
         for label, folder in _entries(task, part):
             for path in sorted(part_dir(task, part).glob(f"runs/{folder}/lr-search/*/metrics.json")):
                 m = json.loads(path.read_text())
-                out.setdefault(label, []).append((m["lr"], m["test"][m["metric"]]))
+                out.setdefault(label, []).append((m["lr"], m["dev_final"][m["metric"]]))
     return {k: sorted(v) for k, v in out.items()}
 
 
