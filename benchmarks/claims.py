@@ -311,14 +311,18 @@ def entry_table(task: str, runs: list[dict]) -> list[str]:
     searches = load_searches(task)
     lines = [f"| entry | test {metric} (mean ± std) | seeds | trainable % | lr (chosen on dev) | dev {metric} over the grid |",
              "|---|---|---|---|---|---|"]
-    for label in sorted(by, key=lambda k: -statistics.fmean(by[k].values())):
-        vals = list(by[label].values())
-        r = info[label]
+    ranked = sorted(by, key=lambda k: -statistics.fmean(by[k].values()))
+    for label in ranked + sorted(set(searches) - set(by)):  # then entries still in their lr search
+        vals = list(by.get(label, {}).values())
+        r = info.get(label, {})
         tried = searches.get(label, [])
         grid = ", ".join(f"{lr:g}: {_f(dev)}" for lr, dev in tried) or "–"
         lrs = sorted(lr for lr, _ in tried)
         if len(lrs) > 1 and r.get("lr") in (lrs[0], lrs[-1]):  # the best dev lr may lie beyond the grid
             grid += " (chosen at the grid's " + ("top" if r.get("lr") == lrs[-1] else "bottom") + " edge)"
+        if not vals:
+            lines.append(f"| `{label}` | – (lr search: {len(tried)} of 3 lrs run) | 0 | – | – | {grid} |")
+            continue
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         lines.append(f"| `{label}` | {_f(statistics.fmean(vals))} ± {_f(std)} | {len(vals)} | "
                      f"{r.get('trainable_percent', 0):.3f} | {r.get('lr') or 0:g} | {grid} |")
@@ -385,7 +389,7 @@ def report(args: argparse.Namespace) -> int:
         if curve:
             sections += ["Full fine-tuning's dev curve (first seed, chosen lr): "
                          + ", ".join(f"step {s}: {_f(v)}" for s, v in curve), ""]
-        if runs:
+        if runs or load_searches(task):
             sections += entry_table(task, runs) + [""]
             OUT.mkdir(parents=True, exist_ok=True)
             if plot_task(task, runs, curve, OUT / f"{task}.png"):
