@@ -1,7 +1,8 @@
 """The claims report: what the subspace papers claim, tested with a learning rate tuned per method.
 
 Each task runs as a few ``subpeft compare`` comparisons ("parts"), every one with ``--lr-grid auto`` (the
-entry's default lr × 1/3, 1, 3, chosen on the dev split only), a fixed split (``--split-seed 0``: every
+entry's default lr × 1/3, 1, 3, chosen on the dev split only; the parts started after ``--lr-extend`` existed
+also try one lr further out when the dev-best is at an edge), a fixed split (``--split-seed 0``: every
 seed sees the same examples, so paired differences over seeds measure the method) and ``--resume``, so a
 part stopped halfway continues where it stopped, in this session or a later one::
 
@@ -60,9 +61,10 @@ TASKS = {
             "mpc": {"methods": ["lora[r=2]", "lora[r=2,mpc=o]", "lora[r=2,mpc=d]", "lora[r=2,mpc=n]"],
                     "seeds": 5, "baselines": "none"},
             "dash": {"methods": ["lora[r=4]", "lora_dash[r=2]", "lora_dash[r=4]"], "seeds": 3, "baselines": "none"},
-            "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,head"},
+            # these two parts (started after --lr-extend existed) extend an lr search whose best is at an edge
+            "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,head", "lr_extend": 1},
             "lowrank": {"methods": ["lora", "dora", "trilora", "adalora[init_warmup=0.1,final_warmup=0.5]", "flora",
-                                    "pica", "pica[r=96]"], "seeds": 3, "baselines": "none"},
+                                    "pica", "pica[r=96]"], "seeds": 3, "baselines": "none", "lr_extend": 1},
         },
     },
     # SmolLM2-135M-Instruct on chatterbot's question -> answer pairs: the metric is the test answer loss (lower is
@@ -74,12 +76,12 @@ TASKS = {
                    "--threads", "1"],
         "parts": {
             "mpc": {"methods": ["lora[r=2]", "lora[r=2,mpc=o]", "lora[r=2,mpc=d]", "lora[r=2,mpc=n]"],
-                    "seeds": 5, "baselines": "none"},
-            "dash": {"methods": ["lora[r=4]", "lora_dash[r=2]", "lora_dash[r=4]"], "seeds": 3, "baselines": "none"},
-            "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,untrained"},
+                    "seeds": 5, "baselines": "none", "lr_extend": 1},
+            "dash": {"methods": ["lora[r=4]", "lora_dash[r=2]", "lora_dash[r=4]"], "seeds": 3, "baselines": "none", "lr_extend": 1},
+            "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,untrained", "lr_extend": 1},
             # no PiCa at LoRA's parameters here: on SmolLM2, LoRA r = 8 on q/v (460,800) exceeds any PiCa rank
             "lowrank": {"methods": ["lora", "dora", "trilora", "adalora[init_warmup=0.1,final_warmup=0.5]", "flora",
-                                    "pica"], "seeds": 3, "baselines": "none"},
+                                    "pica"], "seeds": 3, "baselines": "none", "lr_extend": 1},
         },
     },
 }
@@ -196,6 +198,7 @@ def compare_command(task: str, part: str) -> list[str]:
     t, p = TASKS[task], TASKS[task]["parts"][part]
     return [sys.executable, "-m", "subpeft.cli", "compare", *t["common"], "--methods", ",".join(p["methods"]),
             "--seeds", str(p["seeds"]), "--baselines", p["baselines"], "--lr-grid", "auto",
+            *(["--lr-extend", str(p["lr_extend"])] if p.get("lr_extend") else []),
             "--out", str(part_dir(task, part).relative_to(ROOT)), "--resume"]
 
 

@@ -629,7 +629,12 @@ def _compare(args: argparse.Namespace) -> int:
     import shlex
 
     command = "subpeft " + shlex.join(args.argv)
-    results = run_compare(methods, common, out, seeds=seeds, lr=lr, lr_grid=grid, options=options,
+    if args.lr_extend < 0:
+        raise UsageError(f"--lr-extend must be >= 0 (extra search runs per entry), got {args.lr_extend}")
+    if args.lr_extend and not grid:
+        raise UsageError("--lr-extend extends an lr search: give --lr-grid too")
+    results = run_compare(methods, common, out, seeds=seeds, lr=lr, lr_grid=grid, lr_extend=args.lr_extend,
+                          options=options,
                           baselines=baselines, in_process=args.in_process,
                           resume=args.resume, overwrite=args.overwrite, threads=args.threads, command=command,
                           echo=(lambda s: None) if args.quiet else print,
@@ -704,6 +709,9 @@ def _add_train_parsers(sub) -> None:
                    "default lr x 1/3, 1, 3. The most specific of --lr and --lr-grid decides an entry's lr")
     p.add_argument("--eval-every", type=int, default=_S, help="score the dev split every N steps of each run: the "
                    "curve goes into each run's metrics.json (dev.history); the runs keep no weights")
+    p.add_argument("--lr-extend", type=int, default=0, metavar="N", help="with --lr-grid: while an entry's dev-best "
+                   "lr is the largest (smallest) tried, try one more a grid step beyond it, up to N more runs "
+                   "per entry (default 0)")
     p.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="a method option for every entry of "
                    "that method, e.g. lora.r=16 (bracket options in --methods win)")
     p.add_argument("--out", help="output folder (default runs/compare/<task>)")

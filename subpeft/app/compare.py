@@ -430,6 +430,7 @@ def run_compare(
     seeds: list[int] = (0,),
     lr: dict[str, float] | None = None,
     lr_grid: dict[str, Any] | None = None,
+    lr_extend: int = 0,
     options: dict[str, dict[str, Any]] | None = None,
     baselines: list[str] | None = None,
     in_process: bool = False,
@@ -445,7 +446,9 @@ def run_compare(
     grid; write and return the results.
 
     ``methods``: entries (``"lora"``, ``"lora[r=2]"``); ``lr``: fixed lrs by key; ``lr_grid``: lists of lrs
-    (or ``"auto"``) by key; ``baselines``: None for the task's default two, or a list (``[]``: none).
+    (or ``"auto"``) by key; ``lr_extend``: up to this many more search runs per entry while its dev-best lr is
+    the largest (or smallest) tried, each one grid step further out (the ratio of the two outermost lrs
+    tried on that side); ``baselines``: None for the task's default two, or a list (``[]``: none).
     Every run's settings are checked before the first run starts. A non-empty ``out`` needs ``resume``
     (finished runs with the same settings are kept) or ``overwrite`` (the runs and results are replaced;
     other files stay). If no run finishes, the folders this call created are removed."""
@@ -562,31 +565,55 @@ def run_compare(
     def tag(run: _Run) -> str:
         return f"{run.entry.label} seed {run.seed}"
 
+    def search_run(run: _Run) -> None:
+        metrics, before, seconds = train(run)
+        metrics = _as_search(metrics)
+        if not before:
+            from ..training.files import write_json
+
+            write_json(run.run_dir / "metrics.json", metrics)
+        metric = metrics["metric"]
+        searched.setdefault(run.entry.key, []).append(
+            {"lr": run.spec.lr, "dev": metrics["dev_final"][metric], "dir": str(run.run_dir)})
+        runs.append(metrics)
+        progress(f"{tag(run)}, lr search {run.spec.lr:g}: " + ("done before" if before else
+                 f"dev {metric} {metrics['dev_final'][metric]:.4f} ({seconds:.0f} s)"),
+                 None if before else seconds)
+
+    def best_of(tried: list[dict[str, Any]]) -> dict[str, Any]:
+        greater = runs[-1]["greater_is_better"] if runs else True
+        best = tried[0]  # the first in grid order on a tie
+        for t in tried[1:]:
+            if (t["dev"] > best["dev"]) if greater else (t["dev"] < best["dev"]):
+                best = t
+        return best
+
+    def beyond(tried: list[dict[str, Any]]) -> float | None:
+        """The next lr out, when the dev-best is the largest or the smallest lr tried (None otherwise)."""
+        rates = sorted(t["lr"] for t in tried)
+        best = best_of(tried)["lr"]
+        if len(rates) < 2 or rates[0] < best < rates[-1]:
+            return None
+        nxt = rates[-1] ** 2 / rates[-2] if best == rates[-1] else rates[0] ** 2 / rates[1]
+        return float(f"{nxt:.3g}")
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         for run in search:
-            metrics, before, seconds = train(run)
-            metrics = _as_search(metrics)
-            if not before:
-                from ..training.files import write_json
-
-                write_json(run.run_dir / "metrics.json", metrics)
-            metric = metrics["metric"]
-            searched.setdefault(run.entry.key, []).append(
-                {"lr": run.spec.lr, "dev": metrics["dev_final"][metric], "dir": str(run.run_dir)})
-            runs.append(metrics)
-            progress(f"{tag(run)}, lr search {run.spec.lr:g}: " + ("done before" if before else
-                     f"dev {metric} {metrics['dev_final'][metric]:.4f} ({seconds:.0f} s)"),
-                     None if before else seconds)
+            search_run(run)
         for e in entries:
             if grids[e.key]:
-                tried = searched[e.key]
-                greater = runs[-1]["greater_is_better"] if runs else True
-                best = tried[0]
-                for t in tried[1:]:
-                    if (t["dev"] > best["dev"]) if greater else (t["dev"] < best["dev"]):
-                        best = t
-                chosen[e.key] = best["lr"]
+                for _ in range(lr_extend):  # the dev-best at an edge: one grid step further out, then decide again
+                    rate = beyond(searched[e.key])
+                    if rate is None or any(t["lr"] == rate for t in searched[e.key]):
+                        break
+                    progress.total += 1
+                    extra = _Run(e, seeds[0], spec_for(e, seeds[0], rate, search=True),
+                                 folder(e) / "lr-search" / f"lr{rate:g}", search=True)
+                    if resume:
+                        _finished(extra.run_dir, extra.spec)  # other settings: fail with the run's name
+                    search_run(extra)
+                chosen[e.key] = best_of(searched[e.key])["lr"]
         final_runs: list[dict[str, Any]] = []
         for run in final:
             e = run.entry
@@ -623,7 +650,8 @@ def run_compare(
     for line in _mark_barely_moved(results, task.kind):
         warn(line)
     lr_search = {
-        e.label: {"grid": grids[e.key], "split": "dev", "dev_examples": splits["dev"], "seed": seeds[0],
+        e.label: {"grid": grids[e.key], "extended": [t["lr"] for t in searched[e.key] if t["lr"] not in grids[e.key]],
+                  "split": "dev", "dev_examples": splits["dev"], "seed": seeds[0],
                   "metric": results["metric"], "chosen": chosen[e.key],
                   "dev_scores": [{"lr": t["lr"], "dev": t["dev"]} for t in searched[e.key]]}
         for e in entries if grids[e.key]

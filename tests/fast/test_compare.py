@@ -113,6 +113,62 @@ def test_lr_grid_chooses_on_dev_and_never_reads_test(tiny, tmp_path, monkeypatch
     assert calls == []
 
 
+def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypatch, capsys):
+    """--lr-extend: while the dev-best lr is the grid's largest, one more lr a grid step beyond (×10 here), up to
+    N more runs; the choice is over every lr tried, still on dev only; results record the extension."""
+    dev = {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7, 1e-1: 0.8, 1.0: 0.1}
+    test_texts = list(build_task(RunSpec.from_dict({**_common(tiny), "method": "lora"})).test.texts)
+    state, calls, test_seen = {"lr": None}, [], []
+    evaluate = Classification.evaluate
+
+    def fake_evaluate(self, model, split, **kw):
+        scores = evaluate(self, model, split, **kw)
+        if list(self.task.split(split).texts) == test_texts:
+            test_seen.append(state["lr"])
+        scores["accuracy"] = dev[state["lr"]]
+        return scores
+
+    train_run = compare.train_run
+
+    def fake_train_run(spec, out, **kw):
+        state["lr"] = spec.lr
+        calls.append((spec.lr, spec.score_split))
+        return train_run(spec, out, **kw)
+
+    eval_run = run_mod.eval_run
+
+    def fake_eval_run(directory, overrides=None, **kw):
+        state["lr"] = json.loads((Path(directory) / "run.json").read_text())["lr"]
+        return eval_run(directory, overrides, **kw)
+
+    monkeypatch.setattr(Classification, "evaluate", fake_evaluate)
+    monkeypatch.setattr(compare, "train_run", fake_train_run)
+    monkeypatch.setattr(run_mod, "eval_run", fake_eval_run)
+    grid = {"lora": [1e-4, 1e-3, 1e-2]}
+    res = compare.run_compare(["lora"], _common(tiny), tmp_path / "a", seeds=[0], lr_grid=grid, lr_extend=2,
+                              baselines=[], in_process=True, echo=lambda s: None)
+    assert calls == [(1e-4, "dev"), (1e-3, "dev"), (1e-2, "dev"), (1e-1, "dev"), (1.0, "dev")]
+    assert test_seen == [1e-1]  # only the chosen lr's run, after the choice
+    info = res["lr_search"]["lora"]
+    assert info["chosen"] == 1e-1 and info["extended"] == [1e-1, 1.0] and info["grid"] == [1e-4, 1e-3, 1e-2]
+    calls.clear()
+    res = compare.run_compare(["lora"], _common(tiny), tmp_path / "b", seeds=[0], lr_grid=grid, lr_extend=1,
+                              baselines=[], in_process=True, echo=lambda s: None)
+    assert [c[0] for c in calls] == [1e-4, 1e-3, 1e-2, 1e-1] and res["lr_search"]["lora"]["chosen"] == 1e-1
+    calls.clear()  # an inner best is not extended
+    dev.update({1e-2: 0.55})
+    res = compare.run_compare(["lora"], _common(tiny), tmp_path / "c", seeds=[0], lr_grid=grid, lr_extend=2,
+                              baselines=[], in_process=True, echo=lambda s: None)
+    assert [c[0] for c in calls] == [1e-4, 1e-3, 1e-2] and res["lr_search"]["lora"]["extended"] == []
+    # the CLI: --lr-extend needs a grid, and a count >= 0
+    base = ["compare", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--methods", "lora", "--quiet",
+            "--out", str(tmp_path / "bad")]
+    capsys.readouterr()
+    assert main([*base, "--lr-extend", "1"]) == 2 and "--lr-grid" in _line(capsys)
+    assert main([*base, "--lr-grid", "auto", "--lr-extend", "-1"]) == 2 and "--lr-extend" in _line(capsys)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lr_grid_options_and_auto(tiny, monkeypatch):
     e = compare.parse_entry("lora[r=2]")
     assert compare.resolve_grid(e, {}, {"*": [1e-3, 3e-3]}) == [1e-3, 3e-3]
