@@ -353,17 +353,20 @@ def plot_task(task: str, runs: list[dict], curve: list[tuple[int, float]], path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 0.35 * len(labels) + 2.5), gridspec_kw={"width_ratios": [3, 2]})
     for i, label in enumerate(labels):
         vals = list(by[label].values())
-        ax.barh(i, statistics.fmean(vals), color="tab:blue", alpha=0.3)
-        ax.plot(vals, [i] * len(vals), "o", color="tab:blue", markersize=3)
+        ax.plot([statistics.fmean(vals)], [i], "|", color="black", markersize=14, markeredgewidth=2)
+        ax.plot(vals, [i] * len(vals), "o", color="tab:blue", markersize=4, alpha=0.7)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
     lo = min(v for s in by.values() for v in s.values())
     hi = max(v for s in by.values() for v in s.values())
     ax.set_xlim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
     ax.set_xlabel(f"test {metric} (dots: seeds; bar: mean)")
+    ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"{task}: lr tuned on dev per entry")
     if curve:
         bx.plot([s for s, _ in curve], [v for _, v in curve], "o-")
+    else:
+        bx.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=bx.transAxes)
     bx.set_xlabel("optimizer step")
     bx.set_ylabel(f"dev {metric}")
     bx.set_title("full fine-tuning, dev curve")
