@@ -360,7 +360,7 @@ def plot_task(task: str, runs: list[dict], curve: list[tuple[int, float]], path:
     lo = min(v for s in by.values() for v in s.values())
     hi = max(v for s in by.values() for v in s.values())
     ax.set_xlim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-    ax.set_xlabel(f"test {metric} (dots: seeds; bar: mean)")
+    ax.set_xlabel(f"test {metric} (dots: seeds; tick: mean)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"{task}: lr tuned on dev per entry")
     if curve:
