@@ -145,12 +145,12 @@ class SubpeftCallback(TrainerCallback):
     def _take_events(self, hooks: TrainingHooks, state) -> None:
         import logging
 
-        for event in hooks.events():
+        from .hooks import event_line
+
+        for event in hooks.events(state.global_step):
             self.events.append(event)
-            logging.getLogger("subpeft").info("step %s: %s %s: %s", event.get("step"), event["method"],
-                                              event["event"], event["summary"])
-            step = event["step"] if event.get("step") is not None else state.global_step
-            state.log_history.append({"step": step, "subpeft_event": event["event"],
+            logging.getLogger("subpeft").info(event_line(event))
+            state.log_history.append({"step": event["step"], "subpeft_event": event["event"],
                                       "method": event["method"], "summary": event["summary"]})
 
     def _hooks(self, kwargs: dict[str, Any]) -> TrainingHooks:

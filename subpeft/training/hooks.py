@@ -74,10 +74,20 @@ class TrainingHooks:
         if callable(fn):
             fn()
 
-    def events(self) -> list[dict[str, Any]]:
-        """The phase events the hooks reported since the last call (:func:`subpeft.methods.report_event`); [] if none."""
+    def events(self, step: int) -> list[dict[str, Any]]:
+        """The phase events the hooks reported since the last call (:func:`subpeft.methods.report_event`); [] if none.
+        An event without a step gets ``step`` (the optimizer step it was taken after)."""
         if self.tuned is None:
             return []
         from ..methods import drain_events as drain
 
-        return drain(self.tuned)
+        events = drain(self.tuned)
+        for event in events:
+            if event.get("step") is None:
+                event["step"] = step
+        return events
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One log line for a phase event: ``step N: method event: summary``."""
+    return f"step {event['step']}: {event['method']} {event['event']}: {event['summary']}"

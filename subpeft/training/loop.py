@@ -760,11 +760,11 @@ class Trainer:
 
     def _record_events(self, hooks: TrainingHooks) -> None:
         """Keep the methods' phase events in the state (saved with checkpoints) and log one line each."""
-        for event in hooks.events():
-            if event.get("step") is None:
-                event["step"] = self.state.global_step
+        from .hooks import event_line
+
+        for event in hooks.events(self.state.global_step):
             self.state.events.append(event)
-            self.log(f"step {event['step']}: {event['method']} {event['event']}: {event['summary']}")
+            self.log(event_line(event))
 
 
 # --------------------------------------------------------------------------- a classifier from texts
