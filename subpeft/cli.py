@@ -370,7 +370,7 @@ def _size(text: str) -> int | None:
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=_S, help="minilm (default for classification), smollm2 (default for "
                    "generation) or a local Hugging Face model folder")
-    p.add_argument("--task", default=_S, help="tweets (default) or chat")
+    p.add_argument("--task", default=_S, help="tweets (default), reviews or chat")
     p.add_argument("--data", default=_S, metavar="FILE", help="your own .csv/.tsv/.jsonl file instead of --task")
     p.add_argument("--text-col", default=_S, help="classification: the text column (default 'text')")
     p.add_argument("--label-col", default=_S, help="classification: the label column (default 'label')")

@@ -309,7 +309,7 @@ class RunSpec(TrainSettings):
         if self.method in BASELINES and self.options:
             raise UsageError(f"the baseline {self.method!r} takes no method options (got {sorted(self.options)})")
         if self.data is None and self.task is None:
-            raise UsageError("give a task (--task tweets|chat) or a data file (--data FILE)")
+            raise UsageError("give a task (--task tweets|reviews|chat) or a data file (--data FILE)")
         if self.data is None:
             from .data import TASKS
 

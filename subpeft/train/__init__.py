@@ -27,6 +27,7 @@ from ..app.data import (
     Task,
     load_chat,
     load_data_file,
+    load_reviews,
     load_task,
     load_tweets,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "load_folder",
     "load_minilm_classifier",
     "load_smollm2",
+    "load_reviews",
     "load_task",
     "load_tweets",
     "make_workload",

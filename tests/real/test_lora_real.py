@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _real_marks import MARGIN, MAX_LENGTH, SEED, STEPS, TEST_SIZE, marks, minilm_tweets
+from _real_marks import MARGIN, MAX_LENGTH, SEED, STEPS, TEST_SIZE, marks, minilm_tweets, reviews
 
 BATCH, LR = 16, 3e-3
 LINEAR_NAMES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -156,6 +156,19 @@ def test_tweets_splits_are_fixed_stratified_and_disjoint():
             assert abs(count / n - full_count / len(full.train)) < 0.01
     assert load_tweets({"test": 300}, seed=SEED).test == capped.test
     assert load_tweets({"test": 300}, seed=SEED + 1).test != capped.test
+
+
+@marks(reviews)
+def test_reviews_corpus_is_the_rotten_tomatoes_snippets_split_disjointly():
+    from subpeft.train import load_reviews
+
+    full = load_reviews(seed=SEED)
+    texts = [set(s.texts) for s in (full.train, full.dev, full.test)]
+    assert sum(map(len, texts)) == 12_752 and len(set().union(*texts)) == 12_752
+    assert not (texts[0] & texts[2]) and not (texts[0] & texts[1]) and not (texts[1] & texts[2])
+    fresh = sum(full.train.labels) / len(full.train)
+    assert full.label_names == ("rotten", "fresh") and abs(fresh - 7_368 / 12_752) < 0.005
+    assert set(load_reviews({"test": 1000}, seed=SEED).test.texts) <= texts[2]
 
 
 def test_missing_package_error_names_pip_command():
