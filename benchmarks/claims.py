@@ -10,6 +10,7 @@ part stopped halfway continues where it stopped, in this session or a later one:
     python benchmarks/claims.py run --task tweets --part mpc # one part
     python benchmarks/claims.py run --dry-run                # print the commands only
     python benchmarks/claims.py report                       # verdicts -> benchmarks/results/claims/
+    python benchmarks/claims.py converge --task tweets       # full fine-tuning 2x longer: was it converged?
 
 ``report`` reads the run folders of every part (a part still running is reported as far as it got: its
 finished seed runs and lr-search runs) and writes ``results.md``, ``results.json`` and
@@ -237,6 +238,64 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+CONVERGE_FACTOR = 2  # the convergence check trains full fine-tuning this many times longer
+
+
+def _common_value(task: str, option: str) -> str:
+    common = TASKS[task]["common"]
+    return common[common.index(option) + 1]
+
+
+def converge_command(task: str) -> list[str] | None:
+    """``subpeft train`` of full fine-tuning (first seed, the lr its search chose) for CONVERGE_FACTOR × the
+    parts' steps, with the dev curve: did the parts' run length leave full fine-tuning still climbing?
+    None until the task's full fine-tuning has a finished first-seed run."""
+    full = next((r for r in load_runs(task) if r["label"] == "full" and r["seed"] == 0), None)
+    if full is None:
+        return None
+    common = list(TASKS[task]["common"])
+    i = common.index("--max-steps")
+    common[i + 1] = str(int(common[i + 1]) * CONVERGE_FACTOR)
+    return [sys.executable, "-m", "subpeft.cli", "train", "--method", "full", *common, "--lr", f"{full['lr']:g}",
+            "--seed", "0", "--no-save", "--out", str((OUT / task / "converge").relative_to(ROOT)), "--quiet"]
+
+
+def converge(args: argparse.Namespace) -> int:
+    for task in [args.task] if args.task else list(TASKS):
+        cmd = converge_command(task)
+        if cmd is None:
+            print(f"{task}: full fine-tuning has no finished first-seed run yet; run its 'full' part first")
+            continue
+        print("$ " + shlex.join(["python", *cmd[1:]]), flush=True)
+        if (OUT / task / "converge" / "metrics.json").is_file():
+            print(f"{task}: done before")
+            continue
+        if not args.dry_run and subprocess.call(cmd, cwd=ROOT):
+            return 1
+    return 0
+
+
+def converge_result(task: str) -> dict | None:
+    """The convergence run's dev curve and test score, beside the parts' first-seed full run."""
+    path = OUT / task / "converge" / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    metric = m["metric"]
+    full = next((r for r in load_runs(task) if r["label"] == "full" and r["seed"] == 0), None)
+    return {"steps": m["steps"], "lr": m["lr"], "metric": metric,
+            "dev_curve": [(h["step"], h[metric]) for h in m["dev"]["history"]],
+            "test": m["test"][metric], "test_at_part_steps": full["test"][metric] if full else None,
+            "part_steps": int(_common_value(task, "--max-steps"))}
+
+
+def converge_line(c: dict) -> str:
+    return (f"Convergence check: full fine-tuning at lr {c['lr']:g} for {c['steps']} steps (seed 0), dev curve "
+            + ", ".join(f"step {s}: {_f(v)}" for s, v in c["dev_curve"])
+            + f"; test {c['metric']} {_f(c['test'])} (the {c['part_steps']}-step run above: "
+            + f"{_f(c['test_at_part_steps'])})")
+
+
 # --------------------------------------------------------------------------- report
 def _entries(task: str, part: str) -> list[tuple[str, str]]:
     """(label, folder) of every entry of a part, baselines included, as compare names them."""
@@ -401,8 +460,9 @@ def report(args: argparse.Namespace) -> int:
         claims = judge(task, runs)
         all_claims += claims
         curve = full_curve(runs)
+        check = converge_result(task)
         data[task] = {"commands": [shlex.join(["python", *compare_command(task, p)[1:]]) for p in TASKS[task]["parts"]],
-                      "claims": claims, "full_dev_curve": curve,
+                      "claims": claims, "full_dev_curve": curve, "convergence_check": check,
                       "entries": {k: v for k, v in scores(runs)[0].items()}}
         sections += [f"## {task}", "", "Commands (each resumable; `python benchmarks/claims.py run --task "
                      f"{task}` runs them all):", ""]
@@ -412,6 +472,8 @@ def report(args: argparse.Namespace) -> int:
         if curve:
             sections += ["Full fine-tuning's dev curve (first seed, chosen lr): "
                          + ", ".join(f"step {s}: {_f(v)}" for s, v in curve), ""]
+        if check:
+            sections += [converge_line(check) + f" (`python benchmarks/claims.py converge --task {task}`)", ""]
         if runs or load_searches(task):
             sections += entry_table(task, runs) + [""]
             OUT.mkdir(parents=True, exist_ok=True)
@@ -440,8 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part")
     p.add_argument("--dry-run", action="store_true")
     sub.add_parser("report", help="write the verdicts from the finished runs")
+    c = sub.add_parser("converge", help=f"train full fine-tuning {CONVERGE_FACTOR}x longer at its chosen lr (dev curve)")
+    c.add_argument("--task", choices=list(TASKS))
+    c.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    return {"run": run, "report": report, "converge": converge}[args.command](args)
 
 
 if __name__ == "__main__":
