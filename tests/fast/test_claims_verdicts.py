@@ -1,6 +1,7 @@
 """The claims report's verdicts (benchmarks/claims.py): paired intervals, spread and share of full FT."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -62,3 +63,26 @@ def test_every_claim_names_entries_of_its_task():
     labels = {label for part in claims.TASKS["tweets"]["parts"] for label, _ in claims._entries("tweets", part)}
     for c in claims.CLAIMS:
         assert c["a"] in labels and c["b"] in labels, c["id"]
+
+
+def test_converge_trains_full_longer_at_its_chosen_lr_and_reports_the_curve(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "OUT", tmp_path / "claims")
+    monkeypatch.setattr(claims, "ROOT", tmp_path)
+    runs = []
+    monkeypatch.setattr(claims, "load_runs", lambda task: runs)
+    assert claims.converge_command("tweets") is None  # no full fine-tuning run yet
+    runs += [{"label": "full", "seed": 1, "lr": 1e-4, "test": {"accuracy": 0.70}},
+             {"label": "full", "seed": 0, "lr": 3e-4, "test": {"accuracy": 0.75}}]
+    cmd = claims.converge_command("tweets")
+    steps = int(claims._common_value("tweets", "--max-steps"))
+    assert cmd[cmd.index("--max-steps") + 1] == str(steps * claims.CONVERGE_FACTOR)
+    assert cmd[cmd.index("--lr") + 1] == "0.0003" and cmd[cmd.index("--method") + 1] == "full"
+    assert claims.converge_result("tweets") is None
+    out = tmp_path / "claims" / "tweets" / "converge"
+    out.mkdir(parents=True)
+    history = [{"step": s, "accuracy": a} for s, a in ((100, 0.6), (200, 0.7), (300, 0.74), (400, 0.76))]
+    (out / "metrics.json").write_text(json.dumps({"metric": "accuracy", "steps": 600, "lr": 3e-4,
+                                                   "dev": {"history": history}, "test": {"accuracy": 0.77}}))
+    c = claims.converge_result("tweets")
+    assert c["dev_curve"][-1] == (400, 0.76) and c["test"] == 0.77 and c["test_at_part_steps"] == 0.75
+    assert "step 400: 0.7600" in claims.converge_line(c) and "(the 300-step run above: 0.7500)" in claims.converge_line(c)
