@@ -383,6 +383,31 @@ def claim_row(c: dict) -> str:
     return f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {numbers} |"
 
 
+def short_cell(c: dict) -> str:
+    """One claim on one task, in a few words: the verdict and its deciding number."""
+    v = c["verdict"]
+    if v == "not run yet":
+        return "not run yet"
+    v = v.replace(" (the spread is not lower)", "")
+    if c["kind"] == "better":
+        return f"{v}: {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"  # computed on sign × metric
+    if c["kind"] == "steadier":
+        return f"{v}: std {c['std_a']:.3f} vs {c['std_b']:.3f}"
+    return f"{v}: {100 * c['ratio']:.1f}% [{100 * c['low']:.1f}, {100 * c['high']:.1f}]"
+
+
+def summary_table(claims: list[dict]) -> list[str]:
+    """Claims × tasks: the verdict with its paired difference (a − b, in the metric, better positive), std pair or
+    share of full, with the 95% interval."""
+    tasks = list(TASKS)
+    cells = {(c["id"], c["task"]): short_cell(c) for c in claims}
+    lines = ["| claim | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for c in CLAIMS:
+        if any((c["id"], t) in cells for t in tasks):
+            lines.append(f"| {c['claim']} | " + " | ".join(cells.get((c["id"], t), "not planned") for t in tasks) + " |")
+    return lines
+
+
 def entry_table(task: str, runs: list[dict]) -> list[str]:
     by, metric, _ = scores(runs)
     info: dict[str, dict] = {}
@@ -488,6 +513,10 @@ def report(args: argparse.Namespace) -> int:
             "Verdicts: see the docstring of `benchmarks/claims.py` (95% intervals; margin 0.005 accuracy). "
             "An lr chosen at the edge of its grid is marked: that method's best may lie beyond it, which "
             "weakens a verdict against it.", ""]
+    head += ["## Summary", "", "Each cell: the verdict, then for \"beats\" claims the paired difference "
+             "(better positive; accuracy, or answer loss for chat) with its 95% interval, for spread claims the two "
+             "seed stds, for share-of-full claims the share with its interval. Details per task below.", ""]
+    head += summary_table(all_claims) + [""]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.md").write_text("\n".join(head + sections))
     (OUT / "results.json").write_text(json.dumps(data, indent=1))

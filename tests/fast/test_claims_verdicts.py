@@ -86,3 +86,19 @@ def test_converge_trains_full_longer_at_its_chosen_lr_and_reports_the_curve(tmp_
     c = claims.converge_result("tweets")
     assert c["dev_curve"][-1] == (400, 0.76) and c["test"] == 0.77 and c["test_at_part_steps"] == 0.75
     assert "step 400: 0.7600" in claims.converge_line(c) and "(the 300-step run above: 0.7500)" in claims.converge_line(c)
+
+
+def test_summary_table_is_claims_by_tasks_with_the_deciding_numbers():
+    b = {0: 0.70, 1: 0.72, 2: 0.74}
+    better = claims.verdict_better({s: v + 0.02 for s, v in b.items()}, b, True, 0.005)
+    loss = claims.verdict_better({0: 1.0, 1: 1.1, 2: 1.2}, {0: 1.1, 1: 1.2, 2: 1.3}, False, 0.01)
+    rows = [{**claims.CLAIMS[0], "task": "tweets", **better}, {**claims.CLAIMS[0], "task": "chat", **loss}]
+    table = claims.summary_table(rows)
+    assert table[0] == "| claim | " + " | ".join(claims.TASKS) + " |"
+    row = next(line for line in table if line.startswith(f"| {claims.CLAIMS[0]['claim']} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    by_task = dict(zip(claims.TASKS, cells, strict=True))
+    assert by_task["tweets"] == "holds: +0.020 [+0.020, +0.020]"
+    assert by_task["chat"] == "holds: +0.100 [+0.100, +0.100]"  # a lower loss is the better side
+    assert by_task["reviews"] == "not planned"
+    assert len(table) == 3  # claims without any cell are left out
