@@ -317,6 +317,8 @@ def load_runs(task: str) -> list[dict]:
     for part in TASKS[task]["parts"]:
         for label, folder in _entries(task, part):
             for path in sorted(part_dir(task, part).glob(f"runs/{folder}/seed*/metrics.json")):
+                if not path.parent.name[4:].isdigit():
+                    continue  # seedN-lrX: a run set aside when a grown lr search chose another lr
                 runs.append({**json.loads(path.read_text()), "label": label, "part": part})
     return runs
 

@@ -337,6 +337,27 @@ def _finished(run_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def _set_aside_superseded(run_dir: Path, spec: RunSpec) -> tuple[float, Path] | None:
+    """A finished seed run that differs from ``spec`` in its lr alone, when the comparison chose the lr (a grown
+    search found a better one): rename it to ``<seedN>-lr<old>`` (kept, never deleted) so that the seed runs again
+    at the chosen lr. Returns (old lr, new path), or None when there is nothing to set aside."""
+    from ..training.files import read_json
+
+    if not ((run_dir / "metrics.json").is_file() and (run_dir / "run.json").is_file()):
+        return None
+    stored = upgrade_stored(read_json(run_dir / "run.json", "--resume"))
+    now = spec.to_dict()
+    if [k for k, v in now.items() if k not in _RESUME_IGNORE and stored.get(k) != v] != ["lr"]:
+        return None
+    old = stored["lr"]
+    target = run_dir.with_name(f"{run_dir.name}-lr{old:g}")
+    n = 2
+    while target.exists():
+        target, n = run_dir.with_name(f"{run_dir.name}-lr{old:g}-{n}"), n + 1
+    run_dir.rename(target)
+    return old, target
+
+
 def _as_search(metrics: dict[str, Any]) -> dict[str, Any]:
     """A search run's metrics with its score under ``dev_final`` (train_run wrote it as "test", computed on dev)."""
     if "dev_final" not in metrics and "test" in metrics:
@@ -410,6 +431,13 @@ class _Progress:
             self.bar.write(line, file=sys.stdout)
         else:
             self.echo(line)
+
+    def note(self, message: str) -> None:
+        """A line that is not a finished run."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stdout)
+        else:
+            self.echo(message)
 
     def show_step(self, what: str, step: int, total: int) -> None:
         """The current run's progress (shown on the bar only)."""
@@ -622,6 +650,9 @@ def run_compare(
             source = None
             if grids[e.key] and run.seed == seeds[0]:
                 source = next(Path(t["dir"]) for t in searched[e.key] if t["lr"] == chosen[e.key])
+            if resume and grids[e.key] and (moved := _set_aside_superseded(run.run_dir, run.spec)) is not None:
+                progress.note(f"{tag(run)}: its finished run at lr {moved[0]:g} is superseded by the dev-best lr "
+                         f"{chosen[e.key]:g}; kept as {moved[1].name}, running again")
             done = _finished(run.run_dir, run.spec) if resume else None
             if done is not None:
                 metrics = done

@@ -169,6 +169,55 @@ def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypat
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_grown_lr_search_sets_superseded_seed_runs_aside_and_reruns_them(tiny, tmp_path, monkeypatch):
+    """--resume with a larger --lr-extend: when the new search run wins on dev, the seed runs finished at the old
+    lr are renamed seedN-lr<old> (kept) and run again at the new lr; nothing else is retrained."""
+    dev = {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7, 1e-1: 0.8}
+    state, calls = {"lr": None}, []
+    evaluate = Classification.evaluate
+
+    def fake_evaluate(self, model, split, **kw):
+        scores = evaluate(self, model, split, **kw)
+        scores["accuracy"] = dev[state["lr"]]
+        return scores
+
+    train_run = compare.train_run
+
+    def fake_train_run(spec, out, **kw):
+        state["lr"] = spec.lr
+        calls.append((spec.lr, spec.seed, spec.score_split))
+        return train_run(spec, out, **kw)
+
+    eval_run = run_mod.eval_run
+
+    def fake_eval_run(directory, overrides=None, **kw):
+        state["lr"] = json.loads((Path(directory) / "run.json").read_text())["lr"]
+        return eval_run(directory, overrides, **kw)
+
+    monkeypatch.setattr(Classification, "evaluate", fake_evaluate)
+    monkeypatch.setattr(compare, "train_run", fake_train_run)
+    monkeypatch.setattr(run_mod, "eval_run", fake_eval_run)
+    lines: list[str] = []
+    kw = {"seeds": [0, 1], "lr_grid": {"lora": [1e-4, 1e-3, 1e-2]}, "baselines": [], "in_process": True,
+          "echo": lines.append}
+    out = tmp_path / "cmp"
+    compare.run_compare(["lora"], _common(tiny), out, **kw)
+    runs = out / "runs" / "lora"
+    old_seed1 = (runs / "seed1" / "metrics.json").read_text()
+    calls.clear()
+    res = compare.run_compare(["lora"], _common(tiny), out, lr_extend=1, resume=True, **kw)
+    assert calls == [(1e-1, 0, "dev"), (1e-1, 1, "test")]  # the extension, then seed 1; seed 0 is the search run
+    assert res["lr_search"]["lora"]["chosen"] == 1e-1
+    assert sorted(p.name for p in runs.iterdir() if p.name.startswith("seed")) == [
+        "seed0", "seed0-lr0.01", "seed1", "seed1-lr0.01"]
+    assert (runs / "seed1-lr0.01" / "metrics.json").read_text() == old_seed1
+    assert {json.loads((runs / f"seed{s}" / "run.json").read_text())["lr"] for s in (0, 1)} == {1e-1}
+    assert sum("superseded by the dev-best lr 0.1; kept as seed1-lr0.01" in line for line in lines) == 1
+    calls.clear()  # resumed again: all done
+    compare.run_compare(["lora"], _common(tiny), out, lr_extend=1, resume=True, **kw)
+    assert calls == []
+
+
 def test_lr_grid_options_and_auto(tiny, monkeypatch):
     e = compare.parse_entry("lora[r=2]")
     assert compare.resolve_grid(e, {}, {"*": [1e-3, 3e-3]}) == [1e-3, 3e-3]
