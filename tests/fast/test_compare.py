@@ -113,17 +113,15 @@ def test_lr_grid_chooses_on_dev_and_never_reads_test(tiny, tmp_path, monkeypatch
     assert calls == []
 
 
-def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypatch, capsys):
-    """--lr-extend: while the dev-best lr is the grid's largest, one more lr a grid step beyond (×10 here), up to
-    N more runs; the choice is over every lr tried, still on dev only; results record the extension."""
-    dev = {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7, 1e-1: 0.8, 1.0: 0.1}
-    test_texts = list(build_task(RunSpec.from_dict({**_common(tiny), "method": "lora"})).test.texts)
+def _scores_by_lr(monkeypatch, dev: dict[float, float], test_texts=None):
+    """Every evaluation scores the lr of the run being evaluated from ``dev``; returns the list of trained runs
+    (lr, seed, score split) and of the lrs whose runs read ``test_texts``."""
     state, calls, test_seen = {"lr": None}, [], []
     evaluate = Classification.evaluate
 
     def fake_evaluate(self, model, split, **kw):
         scores = evaluate(self, model, split, **kw)
-        if list(self.task.split(split).texts) == test_texts:
+        if test_texts is not None and list(self.task.split(split).texts) == test_texts:
             test_seen.append(state["lr"])
         scores["accuracy"] = dev[state["lr"]]
         return scores
@@ -132,7 +130,7 @@ def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypat
 
     def fake_train_run(spec, out, **kw):
         state["lr"] = spec.lr
-        calls.append((spec.lr, spec.score_split))
+        calls.append((spec.lr, spec.seed, spec.score_split))
         return train_run(spec, out, **kw)
 
     eval_run = run_mod.eval_run
@@ -144,10 +142,19 @@ def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypat
     monkeypatch.setattr(Classification, "evaluate", fake_evaluate)
     monkeypatch.setattr(compare, "train_run", fake_train_run)
     monkeypatch.setattr(run_mod, "eval_run", fake_eval_run)
+    return calls, test_seen
+
+
+def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypatch, capsys):
+    """--lr-extend: while the dev-best lr is the grid's largest, one more lr a grid step beyond (×10 here), up to
+    N more runs; the choice is over every lr tried, still on dev only; results record the extension."""
+    dev = {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7, 1e-1: 0.8, 1.0: 0.1}
+    test_texts = list(build_task(RunSpec.from_dict({**_common(tiny), "method": "lora"})).test.texts)
+    calls, test_seen = _scores_by_lr(monkeypatch, dev, test_texts)
     grid = {"lora": [1e-4, 1e-3, 1e-2]}
     res = compare.run_compare(["lora"], _common(tiny), tmp_path / "a", seeds=[0], lr_grid=grid, lr_extend=2,
                               baselines=[], in_process=True, echo=lambda s: None)
-    assert calls == [(1e-4, "dev"), (1e-3, "dev"), (1e-2, "dev"), (1e-1, "dev"), (1.0, "dev")]
+    assert calls == [(lr, 0, "dev") for lr in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)]
     assert test_seen == [1e-1]  # only the chosen lr's run, after the choice
     info = res["lr_search"]["lora"]
     assert info["chosen"] == 1e-1 and info["extended"] == [1e-1, 1.0] and info["grid"] == [1e-4, 1e-3, 1e-2]
@@ -172,31 +179,7 @@ def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypat
 def test_a_grown_lr_search_sets_superseded_seed_runs_aside_and_reruns_them(tiny, tmp_path, monkeypatch):
     """--resume with a larger --lr-extend: when the new search run wins on dev, the seed runs finished at the old
     lr are renamed seedN-lr<old> (kept) and run again at the new lr; nothing else is retrained."""
-    dev = {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7, 1e-1: 0.8}
-    state, calls = {"lr": None}, []
-    evaluate = Classification.evaluate
-
-    def fake_evaluate(self, model, split, **kw):
-        scores = evaluate(self, model, split, **kw)
-        scores["accuracy"] = dev[state["lr"]]
-        return scores
-
-    train_run = compare.train_run
-
-    def fake_train_run(spec, out, **kw):
-        state["lr"] = spec.lr
-        calls.append((spec.lr, spec.seed, spec.score_split))
-        return train_run(spec, out, **kw)
-
-    eval_run = run_mod.eval_run
-
-    def fake_eval_run(directory, overrides=None, **kw):
-        state["lr"] = json.loads((Path(directory) / "run.json").read_text())["lr"]
-        return eval_run(directory, overrides, **kw)
-
-    monkeypatch.setattr(Classification, "evaluate", fake_evaluate)
-    monkeypatch.setattr(compare, "train_run", fake_train_run)
-    monkeypatch.setattr(run_mod, "eval_run", fake_eval_run)
+    calls, _ = _scores_by_lr(monkeypatch, {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7, 1e-1: 0.8})
     lines: list[str] = []
     kw = {"seeds": [0, 1], "lr_grid": {"lora": [1e-4, 1e-3, 1e-2]}, "baselines": [], "in_process": True,
           "echo": lines.append}
