@@ -235,11 +235,15 @@ def _common_value(task: str, option: str) -> str:
     return common[common.index(option) + 1]
 
 
+def _full_first_seed(runs: list[dict]) -> dict | None:
+    return next((r for r in runs if r["label"] == "full" and r["seed"] == 0), None)
+
+
 def converge_command(task: str) -> list[str] | None:
     """``subpeft train`` of full fine-tuning (first seed, the lr its search chose) for CONVERGE_FACTOR × the
     parts' steps, with the dev curve: did the parts' run length leave full fine-tuning still climbing?
     None until the task's full fine-tuning has a finished first-seed run."""
-    full = next((r for r in load_runs(task) if r["label"] == "full" and r["seed"] == 0), None)
+    full = _full_first_seed(load_runs(task))
     if full is None:
         return None
     common = list(TASKS[task]["common"])
@@ -264,14 +268,15 @@ def converge(args: argparse.Namespace) -> int:
     return 0
 
 
-def converge_result(task: str) -> dict | None:
-    """The convergence run's dev curve and test score, beside the parts' first-seed full run."""
+def converge_result(task: str, runs: list[dict]) -> dict | None:
+    """The convergence run's dev curve and test score, beside the parts' first-seed full run (from ``runs``,
+    :func:`load_runs`)."""
     path = OUT / task / "converge" / "metrics.json"
     if not path.is_file():
         return None
     m = json.loads(path.read_text())
     metric = m["metric"]
-    full = next((r for r in load_runs(task) if r["label"] == "full" and r["seed"] == 0), None)
+    full = _full_first_seed(runs)
     return {"steps": m["steps"], "lr": m["lr"], "metric": metric,
             "dev_curve": [(h["step"], h[metric]) for h in m["dev"]["history"]],
             "test": m["test"][metric], "test_at_part_steps": full["test"][metric] if full else None,
@@ -476,7 +481,7 @@ def report(args: argparse.Namespace) -> int:
         claims = judge(task, runs)
         all_claims += claims
         curve = full_curve(runs)
-        check = converge_result(task)
+        check = converge_result(task, runs)
         data[task] = {"commands": [shlex.join(["python", *compare_command(task, p)[1:]]) for p in TASKS[task]["parts"]],
                       "claims": claims, "full_dev_curve": curve, "convergence_check": check,
                       "entries": {k: v for k, v in scores(runs)[0].items()}}

@@ -59,7 +59,7 @@ try:
 except ImportError as exc:  # pragma: no cover - transformers is a dependency
     raise ImportError("subpeft.integrations needs transformers: pip install transformers") from exc
 
-from .hooks import TrainingHooks, find_tuned
+from .hooks import TrainingHooks, event_line, find_tuned
 
 __all__ = ["SubpeftCallback", "SubpeftTrainer", "find_tuned", "full_adapter_state"]
 
@@ -144,8 +144,6 @@ class SubpeftCallback(TrainerCallback):
 
     def _take_events(self, hooks: TrainingHooks, state) -> None:
         import logging
-
-        from .hooks import event_line
 
         for event in hooks.events(state.global_step):
             self.events.append(event)

@@ -54,7 +54,7 @@ from .batches import (  # noqa: F401 - iter_batches, predict_logits, evaluate_ac
     linear_warmup_decay,
     predict_logits,
 )
-from .hooks import TrainingHooks
+from .hooks import TrainingHooks, event_line
 
 __all__ = [
     "FLOAT_SETTINGS",
@@ -760,8 +760,6 @@ class Trainer:
 
     def _record_events(self, hooks: TrainingHooks) -> None:
         """Keep the methods' phase events in the state (saved with checkpoints) and log one line each."""
-        from .hooks import event_line
-
         for event in hooks.events(self.state.global_step):
             self.state.events.append(event)
             self.log(event_line(event))

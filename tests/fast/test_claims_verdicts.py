@@ -77,13 +77,13 @@ def test_converge_trains_full_longer_at_its_chosen_lr_and_reports_the_curve(tmp_
     steps = int(claims._common_value("tweets", "--max-steps"))
     assert cmd[cmd.index("--max-steps") + 1] == str(steps * claims.CONVERGE_FACTOR)
     assert cmd[cmd.index("--lr") + 1] == "0.0003" and cmd[cmd.index("--method") + 1] == "full"
-    assert claims.converge_result("tweets") is None
+    assert claims.converge_result("tweets", runs) is None
     out = tmp_path / "claims" / "tweets" / "converge"
     out.mkdir(parents=True)
     history = [{"step": s, "accuracy": a} for s, a in ((100, 0.6), (200, 0.7), (300, 0.74), (400, 0.76))]
     (out / "metrics.json").write_text(json.dumps({"metric": "accuracy", "steps": 600, "lr": 3e-4,
                                                    "dev": {"history": history}, "test": {"accuracy": 0.77}}))
-    c = claims.converge_result("tweets")
+    c = claims.converge_result("tweets", runs)
     assert c["dev_curve"][-1] == (400, 0.76) and c["test"] == 0.77 and c["test_at_part_steps"] == 0.75
     assert "step 400: 0.7600" in claims.converge_line(c) and "(the 300-step run above: 0.7500)" in claims.converge_line(c)
 
