@@ -150,7 +150,6 @@ def worker(library: str, strategy: str, steps: int, out: Path) -> None:
         out.write_text(json.dumps(gathered))
     if dist.is_initialized():
         dist.barrier()
-    spd.shutdown()
 
 
 def main() -> int:
@@ -161,6 +160,10 @@ def main() -> int:
     args = p.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.steps, Path(args.worker[2]))
+        from subpeft import distributed as spd
+
+        if spd.launched():
+            spd.end_process(0)  # ends the group and exits without finalization (gloo's threads can abort it)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "1048576"}
     rows = []

@@ -762,5 +762,17 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def entry() -> None:
+    """The ``subpeft`` program (the console script, ``python -m subpeft``, what torchrun starts): :func:`main`,
+    then the exit. In a process of a multi-process launch the exit skips the interpreter's finalization
+    (:func:`subpeft.distributed.end_process`: gloo's worker threads can otherwise abort a finished run)."""
+    from . import distributed as spd
+
+    status = main()
+    if spd.launched():
+        spd.end_process(status)
+    raise SystemExit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -45,9 +45,11 @@ adapter loads into a model before it is sharded (``sp.load``) or after (the adap
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -63,6 +65,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "check_consistent",
+    "end_process",
     "full_tensor",
     "gather_objects",
     "init",
@@ -149,6 +152,31 @@ def shutdown() -> None:
     if _OWNED and dist.is_initialized():
         dist.destroy_process_group()
     _OWNED = False
+
+
+def end_process(status: int) -> NoReturn:
+    """Leave a process of a multi-process launch: end the process group, flush the logs and the output
+    streams, and exit with ``status`` without the interpreter's finalization (``os._exit``).
+
+    Why not a normal exit: a gloo worker thread may still hold the last reference to a finished collective's
+    work (e.g. ``all_gather_object``'s tensors, whose Python objects it must release). Where it lets go only
+    after the interpreter began finalizing, taking the GIL ends that thread with a forced unwind and the whole
+    process aborts ("terminate called without an active exception", SIGABRT): a finished, saved run would
+    report failure to torchrun. Seen in this project's CI under load (core dump: ``AsyncAllgatherWork``
+    destroyed in ``ProcessGroupGloo::runLoop`` while the main thread ran the exit-time garbage collection);
+    torch's guard checks ``Py_IsInitialized`` where it would need ``Py_IsFinalizing`` (pytorch/pytorch#190489,
+    open for torch 2.13). Call it last, after every file is written and closed: ``atexit`` hooks do not run
+    (logging's is called here)."""
+    shutdown()
+    if dist.is_available() and dist.is_initialized():  # a group started elsewhere (not by init): end it too
+        dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+            pass
+    os._exit(status)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -22,6 +22,4 @@ if __name__ == "__main__":
     status = 0
     for argv in runs:
         status = max(status, main(argv))
-    if spd.launched():
-        dist.destroy_process_group()
-    raise SystemExit(status)
+    spd.end_process(status)  # ends the group and exits without finalization (gloo's threads can abort it)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the repository root, so that `subpef
 
 import subpeft as sp  # noqa: E402
 import subpeft.core.model as core_model  # noqa: E402
+from subpeft import distributed as spd  # noqa: E402
 from subpeft.integrations import SubpeftTrainer  # noqa: E402
 
 LENGTH, N_EXAMPLES = 8, 64
@@ -128,9 +129,6 @@ def main() -> None:
         run(a, name)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        # end the group before the interpreter does: left to exit-time destruction, gloo's threads can abort
-        # the process ("terminate called without an active exception", seen once in CI after a resumed FSDP2 run)
-        torch.distributed.destroy_process_group()
 
 
 def run(a: argparse.Namespace, name: str) -> None:
@@ -186,3 +184,5 @@ def run(a: argparse.Namespace, name: str) -> None:
 
 if __name__ == "__main__":
     main()
+    if spd.launched():
+        spd.end_process(0)  # ends the group and exits without finalization (gloo's threads can abort it)

@@ -156,8 +156,10 @@ def main(out_dir: str) -> None:
 
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from subpeft import distributed as spd
+
+    spd.end_process(0)  # ends the group and exits without finalization (gloo's threads can abort it)

@@ -82,3 +82,31 @@ def test_torchrun_qlora_fsdp(cli_runs):
 def test_torchrun_prints_once(cli_runs):
     _, two = cli_runs
     assert two.stdout.count("wrote ") == len(CLI_METHODS) * 2 + 1
+
+
+def test_the_program_itself_under_torchrun(cli_runs, tmp_path):
+    """The README's command, ``torchrun --nproc-per-node 2 -m subpeft train``, through the program's own entry
+    (the one that leaves by ``end_process``): status 0, the adapter of the same run started from Python, and a
+    bad option ends both ranks with status 2 and one error line."""
+    import os
+    import subprocess
+    import sys
+
+    from .common import ROOT, TIMEOUT
+
+    root, _ = cli_runs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "subpeft"]
+    out = tmp_path / "lora"
+    ok = subprocess.run([*torchrun, "train", "--method", "lora", *CLI_COMMON, "--batch-size", "8", "--strategy", "ddp",
+                         "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert max_diff(load_file(str(out / "adapter_model.safetensors")),
+                    load_file(str(root / "lora-ddp" / "adapter_model.safetensors"))) == 0
+    bad = subprocess.run([*torchrun, "train", "--method", "lora", *CLI_COMMON, "--batch-size", "0", "--out",
+                          str(tmp_path / "bad")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert bad.returncode != 0 and "exitcode  : 2" in bad.stderr
+    assert bad.stderr.count("subpeft train: error: ") == 1 and "--batch-size" in bad.stderr
+    assert not (tmp_path / "bad").exists()

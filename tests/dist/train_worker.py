@@ -184,10 +184,9 @@ def main() -> int:
         (out / f"info-rank{rank}.json").write_text(json.dumps(info))
         if info.get("error"):
             break  # the other ranks may be stuck in a collective: stop
-    spd.shutdown()
     return status
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    raise SystemExit(main())
+    spd.end_process(main())  # ends the group and exits without finalization (gloo's threads can abort it)

@@ -136,3 +136,55 @@ def test_attaching_to_a_sharded_model_is_a_clear_error():
     model.bert.encoder.layer[0].attention.self.query.weight = FakeDTensor(weight.detach())
     with pytest.raises(sp.SubpeftError, match="attach adapters before sharding"):
         sp.attach(model, sp.LoRA(r=2))
+
+
+class _Exited(Exception):
+    pass
+
+
+def _fake_exit(monkeypatch) -> list[int]:
+    """os._exit replaced by one that records the status and raises (the test process goes on)."""
+    codes: list[int] = []
+
+    def fake(status):
+        codes.append(status)
+        raise _Exited
+
+    monkeypatch.setattr(spd.os, "_exit", fake)
+    return codes
+
+
+def test_end_process_ends_the_group_and_exits_with_the_status_without_finalization(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    out = [None]
+    dist.all_gather_object(out, {"a": 1})  # a collective whose work gloo's thread releases
+    codes = _fake_exit(monkeypatch)
+    with pytest.raises(_Exited):
+        spd.end_process(3)
+    assert codes == [3] and not dist.is_initialized()
+
+
+def test_end_process_flushes_what_was_printed_and_skips_atexit(tmp_path):
+    script = ("import atexit, sys\nfrom subpeft import distributed as spd\n"
+              "atexit.register(lambda: print('atexit ran'))\n"
+              "sys.stdout.write('said, not flushed'); sys.stderr.write('to stderr')\nspd.end_process(4)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (4, "said, not flushed", "to stderr")
+
+
+def test_the_program_leaves_through_end_process_only_in_a_launched_process(monkeypatch, capsys):
+    from subpeft.cli import entry
+
+    codes = _fake_exit(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["subpeft", "methods", "--json"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        entry()
+    assert exc.value.code == 0 and codes == []
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment: the group itself is not started by `methods`
+    with pytest.raises(_Exited):
+        entry()
+    assert codes == [0] and capsys.readouterr().out.count('"lora"') == 2  # the command ran both times
