@@ -269,7 +269,30 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the option and what is wrong) and exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        _say_error(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+        self.exit(2)
+
+
+#: how long a rank other than 0 of a multi-process launch waits before it prints its error (see _say_error)
+ERROR_GRACE_S = 10.0
+
+
+def _say_error(text: str) -> None:
+    """Print an error line once per launch. A single process, or rank 0 of several, prints it at once. The other
+    ranks of a launch (torchrun) first wait ERROR_GRACE_S: when rank 0 fails the same way (bad input: every rank
+    checks the same options) it prints and exits first, and the launcher ends the waiting ranks, which then
+    print nothing. An error rank 0 does not share is printed after the wait, marked with its rank; without the
+    wait a rank that exited first had the launcher end rank 0 before it printed, and no line was left at all."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        from . import distributed as spd
+
+        if spd.launched():
+            import time
+
+            time.sleep(ERROR_GRACE_S)
+            text = f"[rank {rank}] {text}"
+    print(text, file=sys.stderr, flush=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -295,19 +318,18 @@ def _guarded(handler, args: argparse.Namespace) -> int:
     from .app.compare import RunFailed
 
     name = f"subpeft {args.command}"
-    # in several processes (torchrun) rank 0 alone speaks; every rank ends with the same status
-    say = (lambda text: print(text, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda text: None)
     try:
         _check_cli_options(args)
         return handler(args)
     except KeyboardInterrupt:
-        say(f"{name}: interrupted (Ctrl-C){getattr(args, 'interrupt_hint', '')}")
+        if os.environ.get("RANK", "0") == "0":  # Ctrl-C reaches every rank of a launch: rank 0 alone says it
+            print(f"{name}: interrupted (Ctrl-C){getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
         return 130
     except _usage_errors() as exc:
-        say(f"{name}: error: {_one_line(exc)}")
+        _say_error(f"{name}: error: {_one_line(exc)}")
         return 2
     except (FloatingPointError, RunFailed, OSError) as exc:
-        say(f"{name}: error: {_one_line(exc)}")
+        _say_error(f"{name}: error: {_one_line(exc)}")
         return 1
     finally:
         from . import distributed as spd

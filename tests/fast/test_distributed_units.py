@@ -188,3 +188,26 @@ def test_the_program_leaves_through_end_process_only_in_a_launched_process(monke
     with pytest.raises(_Exited):
         entry()
     assert codes == [0] and capsys.readouterr().out.count('"lora"') == 2  # the command ran both times
+
+
+def test_an_error_is_said_once_per_launch_rank_0_at_once_another_rank_after_the_grace(monkeypatch, capsys):
+    import subpeft.cli as cli
+
+    slept: list[float] = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bad = ["train", "--method", "lora", "--batch-size", "0"]
+    for rank, line, waits in (("0", "subpeft train: error: ", []), ("1", "[rank 1] subpeft train: error: ",
+                                                                   [cli.ERROR_GRACE_S])):
+        monkeypatch.setenv("RANK", rank)
+        slept.clear()
+        assert cli.main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("error:") == 1 and "--batch-size" in err and slept == waits
+        with pytest.raises(SystemExit) as exc:  # an option argparse refuses: the same rule
+            cli.main(["train", "--method"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(line) and slept == waits * 2
+    monkeypatch.delenv("WORLD_SIZE")  # RANK without a launch of several processes: no wait, no mark
+    slept.clear()
+    assert cli.main(bad) == 2 and capsys.readouterr().err.startswith("subpeft train: error: ") and slept == []
