@@ -446,6 +446,8 @@ def plot_task(task: str, runs: list[dict], curve: list[tuple[int, float]], path:
     import matplotlib.pyplot as plt
 
     by, metric, greater = scores(runs)
+    if not by:  # only lr-search runs so far (a part still searching): nothing to plot
+        return False
     labels = sorted(by, key=lambda k: statistics.fmean(by[k].values()), reverse=not greater)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 0.35 * len(labels) + 2.5), gridspec_kw={"width_ratios": [3, 2]})
     for i, label in enumerate(labels):

@@ -102,3 +102,12 @@ def test_summary_table_is_claims_by_tasks_with_the_deciding_numbers():
     assert by_task["chat"] == "holds: +0.100 [+0.100, +0.100]"  # a lower loss is the better side
     assert by_task["reviews"] == "not planned"
     assert len(table) == 3  # claims without any cell are left out
+
+
+def test_a_task_with_only_lr_search_runs_gets_no_plot_and_no_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert claims.plot_task("chat", [], None, tmp_path / "chat.png") is False
+    assert not (tmp_path / "chat.png").exists()
+    run = {"label": "lora r=2", "seed": 0, "metric": "answer_loss", "greater_is_better": False,
+           "test": {"answer_loss": 2.5}}
+    assert claims.plot_task("chat", [run], None, tmp_path / "chat.png") and (tmp_path / "chat.png").is_file()
