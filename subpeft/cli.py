@@ -790,10 +790,22 @@ def entry() -> None:
     (:func:`subpeft.distributed.end_process`: gloo's worker threads can otherwise abort a finished run)."""
     from . import distributed as spd
 
-    status = main()
-    if spd.launched():
-        spd.end_process(status)
-    raise SystemExit(status)
+    if not spd.launched():
+        raise SystemExit(main())
+    try:
+        status = main()
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, its line already printed)
+        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        status = 130
+    except BaseException:  # an internal error: its traceback, then the same orderly exit
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    spd.end_process(status)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,18 @@ def test_the_program_leaves_through_end_process_only_in_a_launched_process(monke
     with pytest.raises(_Exited):
         entry()
     assert codes == [0] and capsys.readouterr().out.count('"lora"') == 2  # the command ran both times
+    monkeypatch.setattr(sys, "argv", ["subpeft", "train", "--method"])  # argparse's own exit: the same way out
+    with pytest.raises(_Exited):
+        entry()
+    assert codes == [0, 2] and "subpeft train: error: " in capsys.readouterr().err
+
+    def broken(argv=None):
+        raise RuntimeError("an internal error")
+
+    monkeypatch.setattr("subpeft.cli.main", broken)  # a bug: its traceback, status 1
+    with pytest.raises(_Exited):
+        entry()
+    assert codes == [0, 2, 1] and "RuntimeError: an internal error" in capsys.readouterr().err
 
 
 def test_an_error_is_said_once_per_launch_rank_0_at_once_another_rank_after_the_grace(monkeypatch, capsys):
