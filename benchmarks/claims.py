@@ -12,6 +12,11 @@ part stopped halfway continues where it stopped, in this session or a later one:
     python benchmarks/claims.py report                       # verdicts -> benchmarks/results/claims/
     python benchmarks/claims.py converge --task tweets       # full fine-tuning 2x longer: was it converged?
 
+Stopping a part: Ctrl-C in its terminal (the run in progress keeps nothing; ``--resume`` starts it again). A part
+started in the background (``nohup ... &``) ignores SIGINT (a shell without job control makes background jobs
+ignore it, and the children inherit that): stop it with ``pkill -TERM -f "subpeft.cli compare"`` and
+``pkill -TERM -f "subpeft.cli train"``; killing only ``claims.py`` leaves its ``compare`` running.
+
 ``report`` reads the run folders of every part (a part still running is reported as far as it got: its
 finished seed runs and lr-search runs) and writes ``results.md``, ``results.json`` and
 one plot per task. Each claim gets a verdict:

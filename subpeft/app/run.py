@@ -862,7 +862,9 @@ def train_run(
             log(f"warning: the weights barely moved: relative change {moved['relative_delta']:.2e} < {BARELY_MOVED:g} "
                 f"({moved['what'].split(';')[0]}); the method may not have trained: check --lr (now {args.lr:g}) "
                 "and --max-steps")
-        test = workload.evaluate(model, "test")
+        # a learning-rate search run (score_split "dev": "test" is the dev split) needs the metric alone: a chat
+        # model's exact match (greedy generation) is skipped there (compare scores the chosen run on test anew)
+        test = workload.evaluate(model, "test", full=spec.score_split != "dev")
         metrics: dict[str, Any] = {
             "method": spec.method,
             "family": family,

@@ -140,6 +140,21 @@ def test_generation_from_a_jsonl_file(tiny, tmp_path):
     assert m["test"]["answer_loss"] < m["untrained_test"]["answer_loss"] - 0.1
 
 
+def test_a_dev_scored_search_run_skips_exact_match(tiny, tmp_path):
+    """compare's lr-search runs score on dev ("test" is the dev split there): the answer loss alone, no greedy
+    generation for exact match (the chosen run is scored on test afterwards, exact match included)."""
+    from subpeft.app.run import RunSpec
+
+    common = {"method": "lora", "model": str(tiny["llama"]), "data": str(tiny["jsonl"]), "max_steps": 2,
+              "batch_size": 8, "options": {"targets": "all-linear"}}
+    for split, has_em in (("dev", False), ("test", True)):
+        spec = tmp_path / f"{split}.json"
+        spec.write_text(json.dumps(RunSpec.from_dict({**common, "score_split": split}).to_dict()))
+        assert main(["train", "--spec", str(spec), "--out", str(tmp_path / split), "--quiet"]) == 0
+        m = json.loads((tmp_path / split / "metrics.json").read_text())
+        assert ("exact_match" in m["test"]) is has_em and m["test"]["answer_loss"] > 0
+
+
 def test_answer_loss_counts_only_response_tokens(tiny):
     """The training labels are -100 on the prompt: the loss is the response's (plus eos) alone."""
     from transformers import AutoTokenizer
