@@ -754,7 +754,8 @@ def train_run(
     steps = total_steps(spec, len(task.train))
     check_method_options(spec, task, steps)
     log = RunLog(echo=echo, write=main)  # kept until the folder is written
-    log(f"data   {task.summary()}")
+    log(f"data   {task.summary()}" + ("; scored on dev (a learning-rate search run: 'test' above is the dev split, "
+                                       "the test split is not read)" if spec.score_split == "dev" else ""))
 
     model, tokenizer = load_base(spec, task)
     if spec.model_dropout is not None:

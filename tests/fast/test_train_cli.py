@@ -153,6 +153,7 @@ def test_a_dev_scored_search_run_skips_exact_match(tiny, tmp_path):
         assert main(["train", "--spec", str(spec), "--out", str(tmp_path / split), "--quiet"]) == 0
         m = json.loads((tmp_path / split / "metrics.json").read_text())
         assert ("exact_match" in m["test"]) is has_em and m["test"]["answer_loss"] > 0
+        assert ("the test split is not read" in (tmp_path / split / "train.log").read_text()) is not has_em
 
 
 def test_answer_loss_counts_only_response_tokens(tiny):
