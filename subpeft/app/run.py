@@ -864,8 +864,11 @@ def train_run(
                 f"({moved['what'].split(';')[0]}); the method may not have trained: check --lr (now {args.lr:g}) "
                 "and --max-steps")
         # a learning-rate search run (score_split "dev": "test" is the dev split) needs the metric alone: a chat
-        # model's exact match (greedy generation) is skipped there (compare scores the chosen run on test anew)
-        test = workload.evaluate(model, "test", full=spec.score_split != "dev")
+        # model's exact match (greedy generation) is skipped there (compare scores the chosen run on test anew),
+        # and where the loop already scored this very model on dev (its last eval), that score is the run's
+        test = _dev_eval_of_final_model(spec, state)
+        if test is None:
+            test = workload.evaluate(model, "test", full=spec.score_split != "dev")
         metrics: dict[str, Any] = {
             "method": spec.method,
             "family": family,
@@ -923,6 +926,20 @@ def train_run(
     log(f"test   {workload.metric} {test[workload.metric]:.4f} ({test['examples']} examples); "
         f"wrote {out / 'metrics.json'}")
     return metrics
+
+
+def _dev_eval_of_final_model(spec: RunSpec, state) -> dict[str, Any] | None:
+    """A dev-scored run's score when the training loop has already computed it: its dev evaluation of the model
+    the run ends with (the final step's, or the best step's under ``load_best_at_end``). The same model on the
+    same split; only the batching differs (the loop's eval batch size), so the value agrees to float rounding.
+    ``None`` when the run is scored on test or no evaluation saw that model."""
+    if spec.score_split != "dev" or state is None or not state.evals:
+        return None
+    step = state.best_step if spec.load_best_at_end else state.global_step
+    seen = [e for e in state.evals if e["step"] == step]
+    if not seen:
+        return None
+    return {**{k: v for k, v in seen[-1].items() if k != "step"}, "from_dev_eval_at_step": step}
 
 
 def _diverged(exc: FloatingPointError, spec: RunSpec) -> str:

@@ -156,6 +156,39 @@ def test_a_dev_scored_search_run_skips_exact_match(tiny, tmp_path):
         assert ("the test split is not read" in (tmp_path / split / "train.log").read_text()) is not has_em
 
 
+def test_a_dev_scored_run_reuses_the_final_dev_eval(tiny, tmp_path, monkeypatch):
+    """A search run that evaluated dev at its last step is scored with that evaluation (the same model on the same
+    split): no second pass over dev. Scored on test, or with no eval at the last step, it evaluates anew."""
+    from subpeft.app import workloads
+    from subpeft.app.run import RunSpec
+
+    calls = []
+    real = workloads.Generation.evaluate
+
+    def counted(self, model, split, **kw):
+        calls.append(split)
+        return real(self, model, split, **kw)
+
+    monkeypatch.setattr(workloads.Generation, "evaluate", counted)
+    common = {"method": "lora", "model": str(tiny["llama"]), "data": str(tiny["jsonl"]), "max_steps": 4,
+              "batch_size": 8, "options": {"targets": "all-linear"}}
+    for name, extra, evals, reused in (("dev", {"score_split": "dev", "eval_every": 2}, 2, True),
+                                       ("dev-off-step", {"score_split": "dev", "eval_every": 3}, 1, False),
+                                       ("test", {"eval_every": 2}, 2, False)):
+        calls.clear()
+        spec = tmp_path / f"{name}.json"
+        spec.write_text(json.dumps(RunSpec.from_dict({**common, **extra}).to_dict()))
+        assert main(["train", "--spec", str(spec), "--out", str(tmp_path / name), "--quiet"]) == 0
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert len(calls) == evals + (not reused), (name, calls)
+        last = m["dev"]["history"][-1]
+        if reused:
+            assert last["step"] == 4 and m["test"]["from_dev_eval_at_step"] == 4
+            assert m["test"]["answer_loss"] == last["answer_loss"] and m["test"]["examples"] == last["examples"]
+        else:
+            assert "from_dev_eval_at_step" not in m["test"] and m["test"]["answer_loss"] > 0
+
+
 def test_answer_loss_counts_only_response_tokens(tiny):
     """The training labels are -100 on the prompt: the loss is the response's (plus eos) alone."""
     from transformers import AutoTokenizer
