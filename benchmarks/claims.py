@@ -373,7 +373,8 @@ def claim_row(c: dict) -> str:
     elif c["kind"] == "better":
         numbers = (f"{_f(c['a_mean'])} ± {_f(c['a_std'])} vs {_f(c['b_mean'])} ± {_f(c['b_std'])}; paired "
                    f"difference {c['sign'] * c['diff']:+.4f} [{_f(c['sign'] * c['low'] if c['sign'] > 0 else -c['high'])}, "
-                   f"{_f(c['sign'] * c['high'] if c['sign'] > 0 else -c['low'])}] over {c['n']} seeds")
+                   f"{_f(c['sign'] * c['high'] if c['sign'] > 0 else -c['low'])}] over {c['n']} seeds"
+                   + (" (a − b in the metric: lower is better here)" if c["sign"] < 0 else ""))
     elif c["kind"] == "steadier":
         numbers = (f"std {_f(c['std_a'])} vs {_f(c['std_b'])} ({c['n']} seeds); variance ratio "
                    f"{c['variance_ratio_b_over_a']:.2f}, F 95% point {c['f95']:.2f}")

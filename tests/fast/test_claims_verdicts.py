@@ -111,3 +111,17 @@ def test_a_task_with_only_lr_search_runs_gets_no_plot_and_no_error(tmp_path):
     run = {"label": "lora r=2", "seed": 0, "metric": "answer_loss", "greater_is_better": False,
            "test": {"answer_loss": 2.5}}
     assert claims.plot_task("chat", [run], None, tmp_path / "chat.png") and (tmp_path / "chat.png").is_file()
+
+
+def test_a_task_rows_difference_is_a_minus_b_in_the_metric_and_says_so_for_a_loss():
+    """The per-task table shows the means and their raw difference a − b (a loss: negative is the better side);
+    the summary shows the same claim better-positive."""
+    a, b = {0: 1.0, 1: 1.1, 2: 1.2}, {0: 1.1, 1: 1.2, 2: 1.3}
+    loss = claims.verdict_better(a, b, False, 0.01)
+    c = {**claims.CLAIMS[0], "a_mean": 1.1, "a_std": 0.1, "b_mean": 1.2, "b_std": 0.1, "a_seeds": 3, "b_seeds": 3,
+         **loss}
+    row = claims.claim_row(c)
+    assert "paired difference -0.1000 [-0.1000, -0.1000]" in row and "lower is better here" in row
+    acc = claims.verdict_better(b, a, True, 0.005)
+    row = claims.claim_row({**c, **acc})
+    assert "paired difference +0.1000 [0.1000, 0.1000]" in row and "lower is better" not in row
