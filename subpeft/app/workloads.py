@@ -2,8 +2,9 @@
 
 A workload turns a task's training examples into batches (by example index, so that a run can
 resume at any data position) and evaluates a model on a split. :class:`Classification` scores
-accuracy (and loss, macro-F1); :class:`Generation` scores the held-out answer loss (token-weighted
-mean NLL of the response tokens, prompt masked out) and exact match of greedy answers.
+accuracy (and loss, macro-F1); :class:`Generation` scores the held-out answer loss (mean NLL of the
+response tokens, prompt masked out, each prompt weighing as much as one pair) and exact match of greedy answers
+(per distinct prompt).
 
 Both use only ``out.loss`` / ``out.logits`` of the model's forward with ``labels`` passed in, never
 the position of logits relative to ``input_ids``: prompt-kind adapters (which prepend virtual
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,20 +131,31 @@ class Generation(Workload):
 
     @torch.no_grad()
     def answer_loss(self, model: nn.Module, split: str, *, batch_size: int = 16) -> float:
-        """Mean NLL per response token over the split (each batch's mean loss weighted by its tokens)."""
+        """Mean NLL per response token over the split, each prompt counting as much as one pair: a pair's tokens
+        weigh 1 / (the number of reference responses its prompt has in the split). With one response per prompt
+        this is the plain token-weighted mean; a prompt with 90 responses (chatterbot has ten) would otherwise
+        be most of the score. Batches hold pairs of equal weight, so only the forward's mean loss is needed."""
         data = self.task.split(split)
         examples = [self._example(p, r) for p, r in zip(data.prompts, data.responses, strict=True)]
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-        device, total, count = _device_of(model), 0.0, 0
-        for start in range(0, len(order), batch_size):
-            batch = self._pad([examples[i] for i in order[start : start + batch_size]])
+        responses = Counter(data.prompts)
+        weight = [1.0 / responses[p] for p in data.prompts]
+        order = sorted(range(len(examples)), key=lambda i: (-weight[i], len(examples[i][0])))
+        device, total, count = _device_of(model), 0.0, 0.0
+        start = 0
+        while start < len(order):
+            w = weight[order[start]]
+            stop = start + 1
+            while stop < len(order) and stop - start < batch_size and weight[order[stop]] == w:
+                stop += 1
+            batch = self._pad([examples[i] for i in order[start:stop]])
+            start = stop
             n = int((batch["labels"][:, 1:] != IGNORE).sum())  # targets after the causal shift
             if n == 0:
                 continue
             out = model(**_to(batch, device))
-            total += float(out.loss) * n
-            count += n
-        return total / max(count, 1)
+            total += w * float(out.loss) * n
+            count += w * n
+        return total / count if count else 0.0
 
     @torch.no_grad()
     def exact_match(self, model: nn.Module, split: str, *, batch_size: int = 16) -> tuple[float, int]:

@@ -207,6 +207,43 @@ def test_answer_loss_counts_only_response_tokens(tiny):
     assert tok.decode(ids[: len(ids) - len(answer)], skip_special_tokens=True).startswith("question :")
 
 
+def test_answer_loss_weighs_each_prompt_as_one_pair(tiny):
+    """A held-out prompt with many reference responses counts as much as one pair: each pair's tokens weigh
+    1 / (its prompt's responses in the split). With one response per prompt: the plain token-weighted mean."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from subpeft.train.data import PairSplit, PairTask
+    from subpeft.train.workloads import IGNORE, Generation
+
+    tok = AutoTokenizer.from_pretrained(str(tiny["llama"]))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["llama"])).eval()
+    many = ["fine", "good day", "very well thanks", "ok", "not bad at all", "great", "so so"]
+    pairs = [("how are you ?", r) for r in many] + [("the food was ?", "bad"), ("the day was nice ?", "yes it was")]
+    one = PairSplit(["a"], ["b"])
+
+    def score(pairs, batch_size):
+        split = PairSplit([p for p, _ in pairs], [r for _, r in pairs])
+        w = Generation(PairTask(name="t", train=one, dev=one, test=split), tok, max_length=32)
+        return w, w.answer_loss(model, "test", batch_size=batch_size)
+
+    w, got = score(pairs, 3)
+    sums, tokens = [], []
+    with torch.no_grad():  # each pair alone: its summed NLL and its answer tokens
+        for p, r in pairs:
+            batch = w._pad([w._example(p, r)])
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            sums.append(float(model(**batch).loss) * n)
+            tokens.append(n)
+    weight = [1 / len(many)] * len(many) + [1.0, 1.0]
+    want = sum(a * b for a, b in zip(weight, sums, strict=True)) / sum(a * b for a, b in zip(weight, tokens, strict=True))
+    assert got == pytest.approx(want, rel=1e-5)
+    plain = sum(sums) / sum(tokens)
+    assert abs(want - plain) > 1e-3  # the weighting changes this score
+    distinct = [pairs[0], *pairs[len(many):]]  # one response per prompt: the token-weighted mean
+    assert score(distinct, 2)[1] == pytest.approx((sums[0] + sums[-2] + sums[-1]) / (tokens[0] + tokens[-2] + tokens[-1]),
+                                                  rel=1e-5)
+
+
 def test_no_arguments_default_is_lora_minilm_tweets(monkeypatch, tmp_path):
     """`subpeft train` alone: LoRA on MiniLM on tweets (checked without running it)."""
     import subpeft.train.run as run
