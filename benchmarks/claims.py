@@ -83,7 +83,10 @@ TASKS = {
     # second classification task (binary, ~19 words a snippet, 12,752 in all).
     "reviews": {"common": _minilm_common("reviews"), "parts": PARTS},
     # SmolLM2-135M-Instruct on chatterbot's question -> answer pairs: the metric is the test answer loss (lower is
-    # better; exact match is recorded too). About 1 s a LoRA step at 4 x 64 tokens on one core: ~6 min a run,
+    # better; exact match is recorded too), each prompt counting as one pair: chatterbot has ten tech-support
+    # prompts with ~100 responses each, and one of them was 45% of the test split (91 of 200 pairs) before that.
+    # The first chat runs (token-weighted loss) stay in git history at 4cdcbf1: their seed spread in test loss was
+    # up to 0.9 (LoRA r = 4: 3.53 and 2.65 at the same lr). About 1 s a LoRA step at 4 x 64 tokens on one core: ~6 min a run,
     # so the parts take several sessions (each resumes where the last one stopped).
     "chat": {
         "common": ["--task", "chat", "--max-length", "64", "--batch-size", "4", "--dev-size", "200",
