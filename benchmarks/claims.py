@@ -28,7 +28,8 @@ one plot per task. Each claim gets a verdict:
 * **not run yet**: a needed entry has fewer than 3 finished seeds.
 
 A claim on seed spread (MPC: "lower std") uses the ratio of variances against the F distribution's
-95% point; a claim of "≈ 99% of full fine-tuning" uses the per-seed ratio to full fine-tuning.
+95% point; a claim of "≈ 99% of full fine-tuning" uses the per-seed ratio to full fine-tuning (for a loss: the
+share of full fine-tuning's improvement over the untrained model).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ TASKS = {
     # better; exact match is recorded too), each prompt counting as one pair: chatterbot has ten tech-support
     # prompts with ~100 responses each, and one of them was 45% of the test split (91 of 200 pairs) before that.
     # The first chat runs (token-weighted loss) stay in git history at 4cdcbf1: their seed spread in test loss was
-    # up to 0.9 (LoRA r = 4: 3.53 and 2.65 at the same lr). About 1 s a LoRA step at 4 x 64 tokens on one core: ~6 min a run,
+    # up to 0.9 (LoRA r = 4: 3.53 and 2.65 at the same lr). About 1.2 s a LoRA step at 4 x 64 tokens on one core beside another run: ~7 min a run,
     # so the parts take several sessions (each resumes where the last one stopped).
     "chat": {
         "common": ["--task", "chat", "--max-length", "64", "--batch-size", "4", "--dev-size", "200",
@@ -185,10 +186,22 @@ def verdict_steadier(a: dict[int, float], b: dict[int, float]) -> dict:
     return {"n": n, "std_a": sa, "std_b": sb, "variance_ratio_b_over_a": ratio, "f95": crit, "verdict": v}
 
 
-def verdict_share(a: dict[int, float], full: dict[int, float], target: float, greater_is_better: bool) -> dict:
-    """"a reaches target × full": the per-seed ratio's 95% interval against the target."""
+def verdict_share(a: dict[int, float], full: dict[int, float], target: float, greater_is_better: bool,
+                  untrained: dict[int, float] | None = None) -> dict:
+    """"a reaches target × full": the per-seed share's 95% interval against the target.
+
+    A score where greater is better (accuracy): the share is a / full, as the papers compute it. A loss: the share
+    of full fine-tuning's improvement over the untrained model, (untrained − a) / (untrained − full); a ratio of
+    losses would call a method at half of full fine-tuning's gain "90% of full". Without an untrained score a
+    loss share is not judged."""
     seeds = sorted(set(a) & set(full))
-    ratios = [(a[s] / full[s]) if greater_is_better else (full[s] / a[s]) for s in seeds]
+    if greater_is_better:
+        ratios = [a[s] / full[s] for s in seeds]
+    elif untrained:
+        u = {s: untrained.get(s, statistics.fmean(untrained.values())) for s in seeds}
+        ratios = [(u[s] - a[s]) / (u[s] - full[s]) for s in seeds]
+    else:
+        return {"n": len(seeds), "verdict": "not run yet"}
     n = len(ratios)
     if n < MIN_SEEDS:
         return {"n": n, "verdict": "not run yet"}
@@ -201,7 +214,7 @@ def verdict_share(a: dict[int, float], full: dict[int, float], target: float, gr
     else:
         v = "inconclusive"
     return {"n": n, "seeds": seeds, "ratio": mean, "low": mean - half, "high": mean + half, "target": target,
-            "verdict": v}
+            "share_of": "score" if greater_is_better else "improvement over the untrained model", "verdict": v}
 
 
 # --------------------------------------------------------------------------- running
@@ -356,7 +369,7 @@ def judge(task: str, runs: list[dict]) -> list[dict]:
         elif c["kind"] == "steadier":
             v = verdict_steadier(a, b)
         else:
-            v = verdict_share(a, b, c["target"], greater)
+            v = verdict_share(a, b, c["target"], greater, by.get("untrained"))
         out.append({**c, "task": task, "metric": metric, **v,
                     "a_mean": statistics.fmean(a.values()) if a else None,
                     "a_std": statistics.stdev(a.values()) if len(a) > 1 else None,
@@ -383,7 +396,9 @@ def claim_row(c: dict) -> str:
                    f"{c['variance_ratio_b_over_a']:.2f}, F 95% point {c['f95']:.2f}")
     else:
         numbers = (f"{_f(c['a_mean'])} vs full {_f(c['b_mean'])}: {100 * c['ratio']:.1f}% "
-                   f"[{100 * c['low']:.1f}, {100 * c['high']:.1f}] of full ({c['n']} seeds)")
+                   f"[{100 * c['low']:.1f}, {100 * c['high']:.1f}] of full"
+                   + ("" if c.get("share_of", "score") == "score" else f"'s {c['share_of']}")
+                   + f" ({c['n']} seeds)")
     return f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {numbers} |"
 
 

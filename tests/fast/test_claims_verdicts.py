@@ -58,6 +58,17 @@ def test_share_of_full():
     assert claims.verdict_share(far, full, 0.99, True)["ratio"] == pytest.approx(0.90)
 
 
+def test_share_of_full_for_a_loss_is_the_share_of_full_fine_tunings_gain_over_the_untrained_model():
+    untrained = {0: 4.0}  # one untrained run: it stands for every seed
+    full = {0: 2.0, 1: 2.1, 2: 1.9}
+    half = {s: (4.0 + v) / 2 for s, v in full.items()}  # half of full's gain: a loss ratio would say ~67%
+    v = claims.verdict_share(half, full, 0.99, False, untrained)
+    assert v["ratio"] == pytest.approx(0.5) and v["verdict"] == "does not hold at this scale"
+    near = {s: v - 0.001 for s, v in full.items()}  # a little better than full
+    assert claims.verdict_share(near, full, 0.99, False, untrained)["verdict"] == "holds"
+    assert claims.verdict_share(near, full, 0.99, False, None)["verdict"] == "not run yet"
+
+
 def test_every_claim_names_entries_of_its_task():
     pytest.importorskip("subpeft.app.compare")
     labels = {label for part in claims.TASKS["tweets"]["parts"] for label, _ in claims._entries("tweets", part)}
