@@ -655,8 +655,10 @@ def _compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--lr-extend must be >= 0 (extra search runs per entry), got {args.lr_extend}")
     if args.lr_extend and not grid:
         raise UsageError("--lr-extend extends an lr search: give --lr-grid too")
+    if args.lr_seeds != 1 and not grid:
+        raise UsageError("--lr-seeds chooses the lr of an --lr-grid search: give --lr-grid too")
     results = run_compare(methods, common, out, seeds=seeds, lr=lr, lr_grid=grid, lr_extend=args.lr_extend,
-                          options=options,
+                          lr_seeds=args.lr_seeds, options=options,
                           baselines=baselines, in_process=args.in_process,
                           resume=args.resume, overwrite=args.overwrite, threads=args.threads, command=command,
                           echo=(lambda s: None) if args.quiet else print,
@@ -725,7 +727,7 @@ def _add_train_parsers(sub) -> None:
                    "written in --methods), a method, a kind or a family (repeatable): --lr extension=1e-3 --lr ia3=1e-2 "
                    "--lr 'lora[r=2]=3e-3'")
     p.add_argument("--lr-grid", action="append", metavar="[NAME=]X,Y,...|auto", help="tune the learning rate: each "
-                   "entry trains once per lr of the grid (first seed), scored on the dev split only (the search runs "
+                   "entry trains once per lr of the grid (first seed; --lr-seeds N: first N), scored on the dev split only (the search runs "
                    "never read the test split), and the best dev lr is used for every seed; NAME as for --lr "
                    "(repeatable): --lr-grid 3e-4,1e-3,3e-3 --lr-grid full=1e-5,3e-5,1e-4. 'auto': each entry's "
                    "default lr x 1/3, 1, 3. The most specific of --lr and --lr-grid decides an entry's lr")
@@ -734,6 +736,10 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--lr-extend", type=int, default=0, metavar="N", help="with --lr-grid: while an entry's dev-best "
                    "lr is the largest (smallest) tried, try one more a grid step beyond it, up to N more runs "
                    "per entry (default 0)")
+    p.add_argument("--lr-seeds", type=int, default=1, metavar="N", help="with --lr-grid: train each lr on the "
+                   "first N seeds and choose the best mean dev score (default 1); those seeds' search runs at the "
+                   "chosen lr are then their seed runs (scored on test), so N costs (N - 1) x grid runs, minus "
+                   "the N - 1 seed runs it saves")
     p.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="a method option for every entry of "
                    "that method, e.g. lora.r=16 (bracket options in --methods win)")
     p.add_argument("--out", help="output folder (default runs/compare/<task>)")

@@ -459,6 +459,7 @@ def run_compare(
     lr: dict[str, float] | None = None,
     lr_grid: dict[str, Any] | None = None,
     lr_extend: int = 0,
+    lr_seeds: int = 1,
     options: dict[str, dict[str, Any]] | None = None,
     baselines: list[str] | None = None,
     in_process: bool = False,
@@ -476,7 +477,9 @@ def run_compare(
     ``methods``: entries (``"lora"``, ``"lora[r=2]"``); ``lr``: fixed lrs by key; ``lr_grid``: lists of lrs
     (or ``"auto"``) by key; ``lr_extend``: up to this many more search runs per entry while its dev-best lr is
     the largest (or smallest) tried, each one grid step further out (the ratio of the two outermost lrs
-    tried on that side); ``baselines``: None for the task's default two, or a list (``[]``: none).
+    tried on that side); ``lr_seeds``: the search trains every lr on the first this many seeds and chooses the
+    best mean dev score (those seeds' search runs at the chosen lr are then scored on test as their seed runs);
+    ``baselines``: None for the task's default two, or a list (``[]``: none).
     Every run's settings are checked before the first run starts. A non-empty ``out`` needs ``resume``
     (finished runs with the same settings are kept) or ``overwrite`` (the runs and results are replaced;
     other files stay). If no run finishes, the folders this call created are removed."""
@@ -487,6 +490,9 @@ def run_compare(
     if not seeds:
         raise UsageError("--seeds must be >= 1 (or --seed-list must name a seed)")
     seeds = list(seeds)
+    if not 1 <= lr_seeds <= len(seeds):
+        raise UsageError(f"--lr-seeds must be between 1 and the number of seeds ({len(seeds)}), got {lr_seeds}")
+    search_seeds = seeds[:lr_seeds]
     if resume and overwrite:
         raise UsageError("give --resume (keep finished runs) or --overwrite (replace them), not both")
     probe = RunSpec.from_dict({**common, "method": "full"})
@@ -536,6 +542,9 @@ def run_compare(
     def folder(e: Entry) -> Path:
         return out / "runs" / e.folder
 
+    def search_dir(e: Entry, rate: float, seed: int) -> Path:
+        return folder(e) / "lr-search" / (f"lr{rate:g}" if seed == seeds[0] else f"lr{rate:g}-seed{seed}")
+
     def spec_for(e: Entry, seed: int, rate: float | None, search: bool = False) -> RunSpec:
         spec = RunSpec.from_dict({
             **common, "method": e.method, "options": e.options, "seed": seed, "lr": rate,
@@ -552,8 +561,9 @@ def run_compare(
         check_method_options(spec_for(e, seeds[0], _fixed_lr(e, lr, lr_grid)), task,
                              total_steps(spec_for(e, seeds[0], None), len(task.train)))
         for rate in grids[e.key] or []:
-            search.append(_Run(e, seeds[0], spec_for(e, seeds[0], rate, search=True),
-                               folder(e) / "lr-search" / f"lr{rate:g}", search=True))
+            for seed in search_seeds:
+                search.append(_Run(e, seed, spec_for(e, seed, rate, search=True), search_dir(e, rate, seed),
+                                   search=True))
     for seed in seeds:
         for e in entries:
             rate = None if grids[e.key] else _fixed_lr(e, lr, lr_grid)
@@ -602,23 +612,31 @@ def run_compare(
             write_json(run.run_dir / "metrics.json", metrics)
         metric = metrics["metric"]
         searched.setdefault(run.entry.key, []).append(
-            {"lr": run.spec.lr, "dev": metrics["dev_final"][metric], "dir": str(run.run_dir)})
+            {"lr": run.spec.lr, "seed": run.seed, "dev": metrics["dev_final"][metric], "dir": str(run.run_dir)})
         runs.append(metrics)
         progress(f"{tag(run)}, lr search {run.spec.lr:g}: " + ("done before" if before else
                  f"dev {metric} {metrics['dev_final'][metric]:.4f} ({seconds:.0f} s)"),
                  None if before else seconds)
 
+    def mean_dev(tried: list[dict[str, Any]]) -> dict[float, float]:
+        """Each lr tried: its dev score averaged over the search seeds (in the order the lrs were tried)."""
+        by: dict[float, list[float]] = {}
+        for t in tried:
+            by.setdefault(t["lr"], []).append(t["dev"])
+        return {rate: sum(v) / len(v) for rate, v in by.items()}
+
     def best_of(tried: list[dict[str, Any]]) -> dict[str, Any]:
         greater = runs[-1]["greater_is_better"] if runs else True
-        best = tried[0]  # the first in grid order on a tie
-        for t in tried[1:]:
-            if (t["dev"] > best["dev"]) if greater else (t["dev"] < best["dev"]):
-                best = t
-        return best
+        means = list(mean_dev(tried).items())
+        best = means[0]  # the first in grid order on a tie
+        for rate, dev in means[1:]:
+            if (dev > best[1]) if greater else (dev < best[1]):
+                best = (rate, dev)
+        return {"lr": best[0], "dev": best[1]}
 
     def beyond(tried: list[dict[str, Any]]) -> float | None:
         """The next lr out, when the dev-best is the largest or the smallest lr tried (None otherwise)."""
-        rates = sorted(t["lr"] for t in tried)
+        rates = sorted(mean_dev(tried))
         best = best_of(tried)["lr"]
         if len(rates) < 2 or rates[0] < best < rates[-1]:
             return None
@@ -635,12 +653,13 @@ def run_compare(
                     rate = beyond(searched[e.key])
                     if rate is None or any(t["lr"] == rate for t in searched[e.key]):
                         break
-                    progress.total += 1
-                    extra = _Run(e, seeds[0], spec_for(e, seeds[0], rate, search=True),
-                                 folder(e) / "lr-search" / f"lr{rate:g}", search=True)
-                    if resume:
-                        _finished(extra.run_dir, extra.spec)  # other settings: fail with the run's name
-                    search_run(extra)
+                    progress.total += len(search_seeds)
+                    for seed in search_seeds:
+                        extra = _Run(e, seed, spec_for(e, seed, rate, search=True), search_dir(e, rate, seed),
+                                     search=True)
+                        if resume:
+                            _finished(extra.run_dir, extra.spec)  # other settings: fail with the run's name
+                        search_run(extra)
                 chosen[e.key] = best_of(searched[e.key])["lr"]
         final_runs: list[dict[str, Any]] = []
         for run in final:
@@ -648,8 +667,9 @@ def run_compare(
             if run.spec is None:
                 run.spec = spec_for(e, run.seed, chosen[e.key])
             source = None
-            if grids[e.key] and run.seed == seeds[0]:
-                source = next(Path(t["dir"]) for t in searched[e.key] if t["lr"] == chosen[e.key])
+            if grids[e.key] and run.seed in search_seeds:
+                source = next(Path(t["dir"]) for t in searched[e.key]
+                              if t["lr"] == chosen[e.key] and t["seed"] == run.seed)
             if resume and grids[e.key] and (moved := _set_aside_superseded(run.run_dir, run.spec)) is not None:
                 progress.note(f"{tag(run)}: its finished run at lr {moved[0]:g} is superseded by the dev-best lr "
                          f"{chosen[e.key]:g}; kept as {moved[1].name}, running again")
@@ -660,8 +680,9 @@ def run_compare(
             elif source is not None and _has_weights(source):
                 t0 = time.perf_counter()
                 metrics = _score_search_run(source, run, splits)
-                for t in searched[e.key]:
-                    _drop_weights(Path(t["dir"]))
+                for t in searched[e.key]:  # the other lrs' weights, and this one's: never needed again
+                    if t["lr"] != chosen[e.key] or Path(t["dir"]) == source:
+                        _drop_weights(Path(t["dir"]))
                 progress(f"{tag(run)}: the lr search run at lr {chosen[e.key]:g}, scored on test: "
                          f"{metrics['metric']} {metrics['test'][metrics['metric']]:.4f}", time.perf_counter() - t0)
             else:
@@ -682,9 +703,10 @@ def run_compare(
         warn(line)
     lr_search = {
         e.label: {"grid": grids[e.key], "extended": [t["lr"] for t in searched[e.key] if t["lr"] not in grids[e.key]],
-                  "split": "dev", "dev_examples": splits["dev"], "seed": seeds[0],
+                  "split": "dev", "dev_examples": splits["dev"], "seed": seeds[0], "seeds": search_seeds,
                   "metric": results["metric"], "chosen": chosen[e.key],
-                  "dev_scores": [{"lr": t["lr"], "dev": t["dev"]} for t in searched[e.key]]}
+                  "dev_scores": [{"lr": t["lr"], "seed": t["seed"], "dev": t["dev"]} for t in searched[e.key]],
+                  "dev_means": [{"lr": rate, "dev": dev} for rate, dev in mean_dev(searched[e.key]).items()]}
         for e in entries if grids[e.key]
     }
     results.update(command=command, settings=common, seeds=seeds, splits=splits,
@@ -818,12 +840,16 @@ def markdown(results: dict[str, Any]) -> str:
     search = results.get("lr_search") or {}
     if search:
         first = next(iter(search.values()))
+        on = first.get("seeds") or [first["seed"]]
         lines += ["", f"Learning rates marked * were tuned on the **dev split** ({first['dev_examples']:,} examples, "
-                  f"seed {first['seed']}): each lr of the grid trained once, the best dev {metric} chosen; the test "
-                  "split was not read for the choice (the search runs never load it), and the test scores are "
-                  "those of the chosen lr. Grids:"]
+                  + (f"seed {on[0]}): each lr of the grid trained once, the best dev {metric} chosen" if len(on) == 1
+                     else f"seeds {', '.join(map(str, on))}): each lr of the grid trained once per seed, the best "
+                     f"mean dev {metric} chosen")
+                  + "; the test split was not read for the choice (the search runs never load it), and the test "
+                  "scores are those of the chosen lr. Grids:"]
         for label, info in search.items():
-            tried = ", ".join(f"{t['lr']:g} → {t['dev']:.4f}" for t in info["dev_scores"])
+            means = info.get("dev_means") or info["dev_scores"]
+            tried = ", ".join(f"{t['lr']:g} → {t['dev']:.4f}" for t in means)
             lines.append(f"- `{label}`: {tried} (dev {metric}); chosen {info['chosen']:g}")
     lines += [
         "",

@@ -90,7 +90,8 @@ def test_lr_grid_chooses_on_dev_and_never_reads_test(tiny, tmp_path, monkeypatch
     assert not [s for s in seen if s[1] == "test" and s[2] != 1e-3]  # no other lr ever saw the test data
     info = res["lr_search"]["lora"]
     assert info["chosen"] == 1e-3 and info["split"] == "dev"
-    assert info["dev_scores"] == [{"lr": lr, "dev": DEV_SCORE[lr]} for lr in (1e-4, 1e-3, 1e-2)]
+    assert info["dev_scores"] == [{"lr": lr, "seed": 0, "dev": DEV_SCORE[lr]} for lr in (1e-4, 1e-3, 1e-2)]
+    assert info["seeds"] == [0] and info["dev_means"] == [{"lr": lr, "dev": DEV_SCORE[lr]} for lr in (1e-4, 1e-3, 1e-2)]
     finals = [r for r in res["runs"] if r.get("label") == "lora"]
     assert sorted(r["seed"] for r in finals) == [0, 1]
     assert all(r["lr"] == 1e-3 and r["test"]["accuracy"] == TEST_SCORE[1e-3] for r in finals)
@@ -174,6 +175,75 @@ def test_lr_extend_searches_beyond_an_edge_on_dev_only(tiny, tmp_path, monkeypat
     assert main([*base, "--lr-extend", "1"]) == 2 and "--lr-grid" in _line(capsys)
     assert main([*base, "--lr-grid", "auto", "--lr-extend", "-1"]) == 2 and "--lr-extend" in _line(capsys)
     assert not (tmp_path / "bad").exists()
+
+
+def test_lr_seeds_choose_on_the_mean_dev_score_of_several_seeds(tiny, tmp_path, monkeypatch, capsys):
+    """--lr-seeds 2: every lr trains on seeds 0 and 1, the best *mean* dev score wins (here not seed 0's best),
+    those two seeds' search runs at the chosen lr become their seed runs (scored on test only after the choice),
+    a third seed trains at the chosen lr, an extension runs on both seeds, and --resume trains nothing."""
+    dev = {(1e-3, 0): 0.6, (1e-2, 0): 0.7, (1e-3, 1): 0.8, (1e-2, 1): 0.5, (1e-1, 0): 0.1, (1e-1, 1): 0.1,
+           (1e-4, 0): 0.55, (1e-4, 1): 0.6, (1e-3, 2): 0.65}
+    test_texts = list(build_task(RunSpec.from_dict({**_common(tiny), "method": "lora"})).test.texts)
+    state, calls, test_seen = {"key": None}, [], []
+    evaluate = Classification.evaluate
+
+    def fake_evaluate(self, model, split, **kw):
+        scores = evaluate(self, model, split, **kw)
+        if list(self.task.split(split).texts) == test_texts:
+            test_seen.append(state["key"])
+        scores["accuracy"] = dev[state["key"]]
+        return scores
+
+    train_run = compare.train_run
+
+    def fake_train_run(spec, out, **kw):
+        state["key"] = (spec.lr, spec.seed)
+        calls.append((spec.lr, spec.seed, spec.score_split))
+        return train_run(spec, out, **kw)
+
+    eval_run = run_mod.eval_run
+
+    def fake_eval_run(directory, overrides=None, **kw):
+        stored = json.loads((Path(directory) / "run.json").read_text())
+        state["key"] = (stored["lr"], stored["seed"])
+        return eval_run(directory, overrides, **kw)
+
+    monkeypatch.setattr(Classification, "evaluate", fake_evaluate)
+    monkeypatch.setattr(compare, "train_run", fake_train_run)
+    monkeypatch.setattr(run_mod, "eval_run", fake_eval_run)
+    out = tmp_path / "cmp"
+    kw = {"seeds": [0, 1, 2], "lr_grid": {"lora": [1e-3, 1e-2]}, "lr_seeds": 2, "baselines": [], "in_process": True,
+          "echo": lambda s: None}
+    res = compare.run_compare(["lora"], _common(tiny), out, **kw)
+    assert calls == [(1e-3, 0, "dev"), (1e-3, 1, "dev"), (1e-2, 0, "dev"), (1e-2, 1, "dev"), (1e-3, 2, "test")]
+    assert sorted(test_seen) == [(1e-3, 0), (1e-3, 1), (1e-3, 2)]  # only the chosen lr, after the choice
+    info = res["lr_search"]["lora"]
+    assert info["chosen"] == 1e-3 and info["seeds"] == [0, 1]
+    assert info["dev_means"] == [{"lr": 1e-3, "dev": pytest.approx(0.7)}, {"lr": 1e-2, "dev": pytest.approx(0.6)}]
+    finals = {r["seed"]: r for r in res["runs"] if r.get("label") == "lora"}
+    assert finals[0]["from_lr_search"].endswith("lr0.001") and finals[1]["from_lr_search"].endswith("lr0.001-seed1")
+    assert "from_lr_search" not in finals[2] and all(r["lr"] == 1e-3 for r in finals.values())
+    assert not list((out / "runs" / "lora" / "lr-search").glob("*/adapter_model.safetensors"))
+    assert "seeds 0, 1): each lr of the grid trained once per seed, the best mean dev" in (out / "results.md").read_text()
+    calls.clear()
+    compare.run_compare(["lora"], _common(tiny), out, **kw, resume=True)
+    assert calls == []
+    # the mean's best at the grid's edge: the extension trains on both search seeds
+    calls.clear()
+    res = compare.run_compare(["lora"], _common(tiny), tmp_path / "ext", **{**kw, "lr_grid": {"lora": [1e-4, 1e-3]}},
+                              lr_extend=1)
+    assert calls[:6] == [(1e-4, 0, "dev"), (1e-4, 1, "dev"), (1e-3, 0, "dev"), (1e-3, 1, "dev"),
+                         (1e-2, 0, "dev"), (1e-2, 1, "dev")]
+    assert res["lr_search"]["lora"]["chosen"] == 1e-3  # mean 0.7 against 1e-2's 0.6
+    # bad counts: one clear line, nothing written
+    with pytest.raises(UsageError, match="--lr-seeds must be between 1 and the number of seeds"):
+        compare.run_compare(["lora"], _common(tiny), tmp_path / "bad0", **{**kw, "lr_seeds": 4})
+    base = ["compare", "--model", str(tiny["bert"]), "--data", str(tiny["csv"]), "--methods", "lora", "--quiet",
+            "--seeds", "2", "--out", str(tmp_path / "bad")]
+    capsys.readouterr()
+    assert main([*base, "--lr-seeds", "2"]) == 2 and "--lr-grid" in _line(capsys)
+    assert main([*base, "--lr-grid", "auto", "--lr-seeds", "3"]) == 2 and "--lr-seeds" in _line(capsys)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad0").exists()
 
 
 def test_a_grown_lr_search_sets_superseded_seed_runs_aside_and_reruns_them(tiny, tmp_path, monkeypatch):
