@@ -69,11 +69,18 @@ def test_share_of_full_for_a_loss_is_the_share_of_full_fine_tunings_gain_over_th
     assert claims.verdict_share(near, full, 0.99, False, None)["verdict"] == "not run yet"
 
 
-def test_every_claim_names_entries_of_its_task():
+def test_every_claim_names_entries_of_its_task(tmp_path, monkeypatch):
+    """Every claim is judged on every task, with a task's own entries where it has them (chat: PiCa r = 150
+    against LoRA r = 2, SmolLM2's matched pair), and no claim is silently dropped for want of an entry."""
     pytest.importorskip("subpeft.app.compare")
-    labels = {label for part in claims.TASKS["tweets"]["parts"] for label, _ in claims._entries("tweets", part)}
-    for c in claims.CLAIMS:
-        assert c["a"] in labels and c["b"] in labels, c["id"]
+    monkeypatch.setattr(claims, "OUT", tmp_path)  # no runs: every claim "not run yet"
+    for task in claims.TASKS:
+        judged = {c["id"]: c for c in claims.judge(task, [])}
+        assert set(judged) == {c["id"] for c in claims.CLAIMS}, task
+        assert all(c["verdict"] == "not run yet" for c in judged.values())
+    chat = {c["id"]: c for c in claims.judge("chat", [])}["pica_matched"]
+    assert (chat["a"], chat["b"]) == ("pica r=150", "lora r=2")
+    assert {c["id"]: c for c in claims.judge("tweets", [])}["pica_matched"]["a"] == "pica r=96"
 
 
 def test_converge_trains_full_longer_at_its_chosen_lr_and_reports_the_curve(tmp_path, monkeypatch):
