@@ -542,8 +542,11 @@ def run_compare(
     def folder(e: Entry) -> Path:
         return out / "runs" / e.folder
 
-    def search_dir(e: Entry, rate: float, seed: int) -> Path:
-        return folder(e) / "lr-search" / (f"lr{rate:g}" if seed == seeds[0] else f"lr{rate:g}-seed{seed}")
+    def search_runs(e: Entry, rate: float) -> list[_Run]:
+        """The search runs of one lr: one per search seed (seed 0's folder keeps the one-seed name)."""
+        return [_Run(e, seed, spec_for(e, seed, rate, search=True),
+                     folder(e) / "lr-search" / (f"lr{rate:g}" if seed == seeds[0] else f"lr{rate:g}-seed{seed}"),
+                     search=True) for seed in search_seeds]
 
     def spec_for(e: Entry, seed: int, rate: float | None, search: bool = False) -> RunSpec:
         spec = RunSpec.from_dict({
@@ -561,9 +564,7 @@ def run_compare(
         check_method_options(spec_for(e, seeds[0], _fixed_lr(e, lr, lr_grid)), task,
                              total_steps(spec_for(e, seeds[0], None), len(task.train)))
         for rate in grids[e.key] or []:
-            for seed in search_seeds:
-                search.append(_Run(e, seed, spec_for(e, seed, rate, search=True), search_dir(e, rate, seed),
-                                   search=True))
+            search += search_runs(e, rate)
     for seed in seeds:
         for e in entries:
             rate = None if grids[e.key] else _fixed_lr(e, lr, lr_grid)
@@ -654,9 +655,7 @@ def run_compare(
                     if rate is None or any(t["lr"] == rate for t in searched[e.key]):
                         break
                     progress.total += len(search_seeds)
-                    for seed in search_seeds:
-                        extra = _Run(e, seed, spec_for(e, seed, rate, search=True), search_dir(e, rate, seed),
-                                     search=True)
+                    for extra in search_runs(e, rate):
                         if resume:
                             _finished(extra.run_dir, extra.spec)  # other settings: fail with the run's name
                         search_run(extra)
