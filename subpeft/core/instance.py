@@ -60,6 +60,11 @@ class AdapterHooks:
     """The training-time hooks of a named adapter, no-ops by default (:class:`MethodInstance` and a
     prompt-kind adapter's module both have them; a method overrides the ones it needs)."""
 
+    #: its step() changes the adapter's weight delta or reads the layers' weights (AdaLoRA's rank masks,
+    #: LoRA-Dash's switch): :meth:`TunedModel.step` refuses while it is merged (the merged weights would go stale,
+    #: or the switch would read W + ΔW)
+    step_needs_unmerged: ClassVar[bool] = False
+
     def regularization(self) -> torch.Tensor | None:
         """A scalar to add to the loss, or None."""
         return None

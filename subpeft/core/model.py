@@ -266,9 +266,19 @@ class TunedModel(nn.Module):
         return torch.zeros((), device=param.device if param is not None else None)
 
     def step(self, global_step: int) -> None:
-        """Call after every optimizer step: runs each active method's schedule (budgets, phases)."""
+        """Call after every optimizer step: runs each active method's schedule (budgets, phases).
+
+        Raises:
+            SubpeftError: an adapter whose schedule changes its delta or reads the weights (AdaLoRA,
+                LoRA-Dash) is merged: its merged weights would go stale silently; unmerge() first.
+        """
         for name in self.active_adapters:
-            self.instances[name].step(int(global_step))
+            instance = self.instances[name]
+            if instance.step_needs_unmerged and name in self.merged_adapters:
+                raise SubpeftError(f"adapter {name!r} ({self.configs[name].method}) is merged: its step() changes "
+                                   f"its update or reads the base weights; call unmerge() before step() (merge "
+                                   f"after training)")
+            instance.step(int(global_step))
 
     def finalize(self, adapter_name: str | None = None) -> None:
         """End of training: methods that change form after training do so now (Diff pruning keeps

@@ -195,3 +195,41 @@ def test_movement_without_a_weight_delta_uses_the_trained_tensors(tiny, tmp_path
     assert "‖θ − θ₀‖ / ‖θ₀‖" in m["movement"]["what"] and m["movement"]["relative_delta"] > 0
     m = _train(tiny, tmp_path / "untrained", "untrained", 1)
     assert "movement" not in m and "does not train" in m["movement_note"]
+
+
+@pytest.mark.parametrize("config", [
+    sp.LoRADash(r=2, directions=2, prelaunch_steps=2, targets=["0", "2"]),
+    sp.AdaLoRA(r=4, target_r=2, total_steps=6, init_warmup=1, final_warmup=2, targets=["0", "2"]),
+], ids=["lora_dash", "adalora"])
+def test_a_schedule_that_changes_or_reads_the_weights_refuses_to_step_while_merged(config):
+    tuned = sp.attach(_mlp(), config)
+    opt = torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(16, 8)
+    tuned.train()
+    (tuned(x).pow(2).sum() + tuned.regularization()).backward()
+    opt.step()
+    tuned.step(1)
+    opt.zero_grad()
+    tuned.eval()
+    with torch.no_grad():
+        expected = tuned(x)
+    tuned.merge()
+    state = {k: v.clone() for k, v in tuned.state_dict().items()}
+    with pytest.raises(sp.SubpeftError, match=r"adapter 'default' \(\w+\) is merged: .*call unmerge\(\) before step"):
+        tuned.step(4)  # a step in a later phase: LoRA-Dash would switch, AdaLoRA would mask
+    after = tuned.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # refused before anything changed
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), expected)
+    tuned.unmerge()
+    unmerged = {k: v.clone() for k, v in tuned.state_dict().items()}
+    tuned.step(4)  # unmerged, the schedule runs
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, unmerged[k])]
+    assert changed, "the schedule changed nothing after unmerge()"
+
+
+def test_a_merged_adapter_without_such_a_schedule_still_steps():
+    tuned = sp.attach(_mlp(), sp.LoRA(r=2, targets=["0"]))
+    tuned.merge()
+    tuned.step(1)  # LoRA's step is a no-op: nothing to refuse
+    assert tuned.merged_adapters == ["default"]

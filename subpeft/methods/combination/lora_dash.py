@@ -30,7 +30,7 @@ Where the SVD happens: at the switch, not at attach. W is frozen, so both give t
 from attach time; keeping the full U, σ, Vh per layer through the pre-launch instead would hold
 min(d_out, d_in)·(d_out + d_in + 1) extra floats per layer (2× the layer's float32 weight when
 square, 4× a bf16 one) for t steps, and save nothing the method uses. The step hook must not run
-while this adapter is merged into W (the switch reads W from the base layer).
+while this adapter is merged into W (the switch reads W from the base layer): ``tuned.step`` refuses then.
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ class LoRADashInstance(LayerInstance):
     """One named LoRA-Dash adapter: its step hook switches every layer, and reports the switch (an event,
     :func:`subpeft.methods.report_event`: the step, and per layer the indices of the chosen directions, 0 being
     the largest singular value)."""
+
+    step_needs_unmerged = True  # the switch reads W's singular vectors, and merged W holds ΔW
 
     def step(self, global_step: int) -> None:
         layers = self.layers()

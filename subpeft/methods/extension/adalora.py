@@ -39,7 +39,7 @@ the paper's DeBERTaV3 GLUE recipes warm up for ≈ 10% of the run and hold the f
 The importance EMAs (2× the adapter's size), the latest mask and the "final" flag are persistent
 buffers saved beside PEFT's tensors (PEFT ignores them), so a run saved mid-training and reloaded
 continues bit for bit; PEFT's own files lack them (``optional_keys``: they start from zero, as a
-resumed PEFT run's would). Do not call ``tuned.step`` while the adapter is merged (λ changes in place).
+resumed PEFT run's would). ``tuned.step`` refuses while the adapter is merged (λ changes in place: the merged weights would go stale).
 
 Differences from PEFT (``peft.tuners.adalora``): the scale is α/r where PEFT's is α/(ranknum + 1e-5),
 ranknum = r, so PEFT's adapter term is ours × r/(r + 1e-5): outputs agree to 1e-6 while
@@ -239,6 +239,8 @@ _PEFT_ADALORA_KNOWN = PEFT_LORA_FIELDS | {
 
 class AdaLoRAInstance(LayerInstance):
     """One named AdaLoRA adapter: the orthogonality loss and the rank allocator see all its layers."""
+
+    step_needs_unmerged = True  # the allocator's masks change ΔW in place
 
     def regularization(self) -> torch.Tensor | None:
         adapters = self.adapters()
