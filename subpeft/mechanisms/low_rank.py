@@ -288,13 +288,16 @@ class FusedLowRankLinear(torch.autograd.Function):
             if need_h:
                 grad_h = grad_m * core if diag else torch.mm(grad_m, core)
         if need_x:
+            # two products, then their sum, as autograd adds the two branches' gradients: addmm_ would be one
+            # temporary less, but a BLAS may accumulate grad_h·A into the base term product by product (seen
+            # with MKL on AMD EPYC: x's gradient then differs from the generic path's in the last bits)
             grad_x = torch.mm(g, W)
             if drop_at is None:
-                grad_x.addmm_(grad_h, A)
+                grad_x.add_(torch.mm(grad_h, A))
             else:  # base + mask(grad_h·A): add everywhere, then put back base + 0 where the mask is 0
                 flat = grad_x.view(-1)
                 at_dropped = flat.index_select(0, drop_at).add_(0.0)  # + 0: as autograd's sum (-0 + 0 = +0)
-                grad_x.addmm_(grad_h, A)
+                grad_x.add_(torch.mm(grad_h, A))
                 flat.index_copy_(0, drop_at, at_dropped)
             grad_x = grad_x.view(x.shape)
         if need_W:
