@@ -27,6 +27,9 @@ one plot per task. Each claim gets a verdict:
 * **inconclusive**: the interval straddles the margin;
 * **not run yet**: a needed entry has fewer than 3 finished seeds.
 
+A verdict from fewer seeds than both of its entries will have (a part still running) is marked
+**provisional**, with the seed counts: it can still change.
+
 A claim on seed spread (MPC: "lower std") uses the ratio of variances against the F distribution's
 95% point; a claim of "≈ 99% of full fine-tuning" uses the per-seed ratio to full fine-tuning (for a loss: the
 share of full fine-tuning's improvement over the untrained model).
@@ -363,7 +366,11 @@ def judge(task: str, runs: list[dict]) -> list[dict]:
     by, metric, greater = scores(runs)
     trained = [v for label, s in by.items() if label != "untrained" for v in s.values()]
     margin = 0.005 if greater else 0.01 * statistics.fmean(trained or [1.0])  # a loss: 1% of the trained runs' mean
-    planned = {label for part in TASKS[task]["parts"] for label, _ in _entries(task, part)}
+    planned_seeds: dict[str, int] = {}  # an entry in several parts (LoRA r = 2): the most seeds any plans
+    for part, p in TASKS[task]["parts"].items():
+        for label, _ in _entries(task, part):
+            planned_seeds[label] = max(planned_seeds.get(label, 0), p["seeds"])
+    planned = set(planned_seeds)
     out = []
     for c in CLAIMS:
         c = {k: v for k, v in c.items() if k != "tasks"} | c.get("tasks", {}).get(task, {})  # a task's own entries
@@ -381,8 +388,22 @@ def judge(task: str, runs: list[dict]) -> list[dict]:
                     "a_std": statistics.stdev(a.values()) if len(a) > 1 else None,
                     "b_mean": statistics.fmean(b.values()) if b else None,
                     "b_std": statistics.stdev(b.values()) if len(b) > 1 else None,
-                    "a_seeds": len(a), "b_seeds": len(b)})
+                    "a_seeds": len(a), "b_seeds": len(b),
+                    "planned_seeds": [planned_seeds[c["a"]], planned_seeds[c["b"]]],
+                    # the seeds both entries will have: fewer finished, and the verdict can still change
+                    "provisional": v["verdict"] != "not run yet"
+                    and min(len(a), len(b)) < min(planned_seeds[c["a"]], planned_seeds[c["b"]])})
     return out
+
+
+def _seeds_done(c: dict) -> str:
+    """"4 of 5": the seeds both entries of a claim have finished, of those both will have."""
+    return f"{min(c['a_seeds'], c['b_seeds'])} of {min(c['planned_seeds'])}"
+
+
+def _provisional(c: dict) -> str:
+    """" (provisional: 4 of 5 seeds)" for a verdict from a part still running; "" otherwise."""
+    return f" (provisional: {_seeds_done(c)} seeds)" if c.get("provisional") else ""
 
 
 def _f(x, nd=4) -> str:
@@ -405,7 +426,7 @@ def claim_row(c: dict) -> str:
                    f"[{100 * c['low']:.1f}, {100 * c['high']:.1f}] of full"
                    + ("" if c.get("share_of", "score") == "score" else f"'s {c['share_of']}")
                    + f" ({c['n']} seeds)")
-    return f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {numbers} |"
+    return f"| {c['paper']} | {c['claim']} | **{c['verdict']}**{_provisional(c)} | {numbers} |"
 
 
 def short_cell(c: dict) -> str:
@@ -414,6 +435,8 @@ def short_cell(c: dict) -> str:
     if v == "not run yet":
         return "not run yet"
     v = v.replace(" (the spread is not lower)", "")
+    if c.get("provisional"):
+        v = f"{v} (provisional, {_seeds_done(c)} seeds)"
     if c["kind"] == "better":
         return f"{v}: {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"  # computed on sign × metric
     if c["kind"] == "steadier":

@@ -143,3 +143,30 @@ def test_a_task_rows_difference_is_a_minus_b_in_the_metric_and_says_so_for_a_los
     acc = claims.verdict_better(b, a, True, 0.005)
     row = claims.claim_row({**c, **acc})
     assert "paired difference +0.1000 [0.1000, 0.1000]" in row and "lower is better" not in row
+
+
+def test_a_verdict_from_fewer_seeds_than_planned_is_marked_provisional(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "OUT", tmp_path)
+
+    def runs(seeds_a, seeds_b):
+        out = []
+        for label, seeds, base in (("lora r=2 mpc=o", seeds_a, 2.50), ("lora r=2", seeds_b, 2.40)):
+            out += [{"label": label, "seed": s, "metric": "answer_loss", "greater_is_better": False,
+                     "test": {"answer_loss": base + 0.01 * s}} for s in range(seeds)]
+        return out
+
+    def mpc_mean(r):
+        return {c["id"]: c for c in claims.judge("chat", r)}["mpc_o"]
+
+    part = mpc_mean(runs(4, 5))  # the mpc part plans 5 seeds: one of MPC_o's is still to run
+    assert part["verdict"] == "does not hold at this scale" and part["provisional"]
+    assert "**does not hold at this scale** (provisional: 4 of 5 seeds)" in claims.claim_row(part)
+    assert claims.short_cell(part).startswith("does not hold at this scale (provisional, 4 of 5 seeds): -0.100")
+    done = mpc_mean(runs(5, 5))
+    assert not done["provisional"] and "provisional" not in claims.claim_row(done) + claims.short_cell(done)
+    assert mpc_mean(runs(2, 5))["verdict"] == "not run yet" and not mpc_mean(runs(2, 5))["provisional"]
+    # LoRA-Dash r = 2 (3 seeds planned) against LoRA r = 2 (the mpc part's, 5): final once both have 3
+    dash = [{"label": label, "seed": s, "metric": "answer_loss", "greater_is_better": False,
+             "test": {"answer_loss": 2.4 + 0.01 * s}} for label, n in (("lora_dash r=2", 3), ("lora r=2", 4))
+            for s in range(n)]
+    assert not {c["id"]: c for c in claims.judge("chat", dash)}["dash_r2"]["provisional"]
