@@ -90,7 +90,7 @@ TASKS = {
     # better; exact match is recorded too), each prompt counting as one pair: chatterbot has ten tech-support
     # prompts with ~100 responses each, and one of them was 45% of the test split (91 of 200 pairs) before that.
     # The first chat runs (token-weighted loss) stay in git history at 4cdcbf1: their seed spread in test loss was
-    # up to 0.9 (LoRA r = 4: 3.53 and 2.65 at the same lr). About 1.2 s a LoRA step at 4 x 64 tokens on one core beside another run: ~7 min a run,
+    # up to 0.9 (LoRA r = 4: 3.53 and 2.65 at the same lr). About 1.2-1.9 s a LoRA step at 4 x 64 tokens on one core beside another run (by machine): 7-13 min a run,
     # so the parts take several sessions (each resumes where the last one stopped).
     "chat": {
         "common": ["--task", "chat", "--max-length", "64", "--batch-size", "4", "--dev-size", "200",
