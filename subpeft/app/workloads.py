@@ -6,9 +6,9 @@ accuracy (and loss, macro-F1); :class:`Generation` scores the held-out answer lo
 response tokens, prompt masked out, each prompt weighing as much as one pair) and exact match of greedy answers
 (per distinct prompt).
 
-Both use only ``out.loss`` / ``out.logits`` of the model's forward with ``labels`` passed in, never
-the position of logits relative to ``input_ids``: prompt-kind adapters (which prepend virtual
-tokens) work unchanged.
+Both use only ``out.loss`` / ``out.logits`` of the model's forward, in the caller's terms (one row per
+``input_ids`` position): prompt-kind adapters (which prepend virtual tokens) work unchanged. The causal
+LM's loss computes the output layer on the answer positions only (:meth:`Generation.loss`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,16 @@ class Classification(Workload):
         }
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output layer of the first Hugging Face model inside ``model`` (through DDP and
+    :class:`~subpeft.TunedModel` wrappers; an adapter's wrapper of it if one replaced it), or None."""
+    for module in model.modules():
+        if getattr(type(module), "get_output_embeddings", None) is not None:  # the class's, not a proxy's
+            head = module.get_output_embeddings()
+            return head if isinstance(head, nn.Module) else None
+    return None
+
+
 def normalize_answer(text: str) -> str:
     """Lower case, spaces collapsed, surrounding spaces and final punctuation dropped (for exact match)."""
     return re.sub(r"[\s.!?]+$", "", " ".join(text.lower().split()))
@@ -125,6 +135,41 @@ class Generation(Workload):
     def train_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return self._pad([self._train[i] for i in indices])
 
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean NLL of the answer tokens, with logits computed for the answer positions only.
+
+        Equal to the forward's ``loss`` with ``labels`` (``cross_entropy(logits[:, :-1], labels[:, 1:])``,
+        the mean over targets other than -100), but the output layer (SmolLM2: a 576 × 49,152 matmul, a fifth
+        of the model's weights, and a softmax over 49,152 words per position) runs only on the rows that
+        predict an answer token: about a quarter of the positions on the chat task. A pre-hook on the
+        model's output embeddings gathers those rows of its input; when that input is not one row per
+        ``labels`` position (a prompt-kind adapter's virtual tokens), it is left alone and the loss is taken
+        from the full logits (which such adapters return in the caller's terms)."""
+        labels = batch["labels"]
+        head = output_head(model)
+        if head is None:
+            return model(**batch).loss
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        picked: list[bool] = []
+
+        def pick(_module, args, kwargs):
+            hidden = args[0] if args else None
+            if picked or hidden is None or hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
+                return None
+            picked.append(True)
+            return (hidden[:, :-1][keep], *args[1:]), kwargs
+
+        handle = head.register_forward_pre_hook(pick, with_kwargs=True)
+        try:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        finally:
+            handle.remove()
+        if picked:
+            return nn.functional.cross_entropy(logits.float(), targets[keep])
+        return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                           targets.reshape(-1), ignore_index=IGNORE)
+
     def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
         """The answer tokens the causal LM's loss averages over (targets after the shift)."""
         return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -152,8 +197,7 @@ class Generation(Workload):
             n = int((batch["labels"][:, 1:] != IGNORE).sum())  # targets after the causal shift
             if n == 0:
                 continue
-            out = model(**_to(batch, device))
-            total += w * float(out.loss) * n
+            total += w * float(self.loss(model, _to(batch, device))) * n
             count += w * n
         return total / count if count else 0.0
 

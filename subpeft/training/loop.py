@@ -97,6 +97,10 @@ class Workload:
         """Scores of ``model`` on ``split``; ``full=False`` may skip costly extras (greedy decoding)."""
         raise NotImplementedError
 
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task loss of ``model`` on ``batch`` (already on the model's device): the forward's ``loss``."""
+        return model(**batch).loss
+
     def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
         """What the model's loss on ``batch`` is a mean over: its examples (a causal LM's workload counts its
         answer tokens). Several processes weight their losses by it (:class:`Trainer`)."""
@@ -676,7 +680,7 @@ class Trainer:
                     batch, weight = self._micro_batch(state.micro)
                     state.micro += 1
                     with no_sync() if no_sync is not None and k < args.grad_accum - 1 else nullcontext():
-                        loss = model(**_to(batch, device)).loss
+                        loss = self.workload.loss(model, _to(batch, device))
                         if weight != 1.0:  # several processes: this rank's share of the global mean
                             loss = loss * weight
                         task_loss += loss.detach().item() / args.grad_accum

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import subpeft as sp  # noqa: E402
 from subpeft import distributed as spd  # noqa: E402
+from subpeft.app.workloads import Generation  # noqa: E402
 from subpeft.training.loop import TrainArgs, Trainer, Workload  # noqa: E402
 from tests.fast.tiny_transformers import VOCAB, tiny_bert, tiny_llama  # noqa: E402
 
@@ -60,6 +61,11 @@ class Synthetic(Workload):
             for j, i in enumerate(indices):
                 labels[j, : (len(self.rows[i]) + 1) // 2] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model, batch):
+        if self.kind == "classification":
+            return super().loss(model, batch)
+        return Generation.loss(self, model, batch)  # as the chat task trains: logits on the answer rows only
 
     def loss_units(self, batch):
         if self.kind == "classification":

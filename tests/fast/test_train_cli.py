@@ -443,3 +443,26 @@ def test_a_qlora_run_is_evaluated_on_its_4bit_base(tiny, tmp_path):
     (tmp_path / "q" / "run.json").write_text(json.dumps(spec))
     assert main(["eval", "--adapter", str(tmp_path / "q"), "--json", str(tmp_path / "f.json")]) == 0
     assert json.loads((tmp_path / "f.json").read_text())["test"]["loss"] != pytest.approx(m["test"]["loss"], rel=1e-6)
+
+
+def test_causal_lm_training_takes_its_loss_from_the_workload(tiny, tmp_path, monkeypatch):
+    """Each micro-batch's loss is the workload's (the causal LM's computes logits on answer rows only), and the
+    logged training loss is that value."""
+    from subpeft.app import workloads
+
+    losses = []
+    real = workloads.Generation.loss
+
+    def counted(self, model, batch):
+        loss = real(self, model, batch)
+        losses.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(workloads.Generation, "loss", counted)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny["llama"]), "--data", str(tiny["jsonl"]), "--max-steps", "3",
+                 "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and len(losses) > 3  # 3 training steps, then the evaluations' batches
+    assert m["train_loss_first"] == pytest.approx(losses[0], rel=1e-6)
+    assert m["train_loss_last"] == pytest.approx(losses[2], rel=1e-6)
