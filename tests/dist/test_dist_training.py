@@ -38,6 +38,7 @@ def test_fsdp_float32_adapters_on_a_bfloat16_base(tmp_path):
         assert {v.dtype for k, v in tensors.items() if "classifier" in k} == {torch.bfloat16}
         assert max_diff(adapter(one, method), tensors) <= 1e-6
         assert all(map(torch.isfinite, torch.tensor(info(out, method)["losses"])))
+        assert set(info(out, method)["fused_adamw"]) == {True}  # sharded (DTensor) parameters: fused AdamW too
 
 
 def test_merge_and_unmerge_on_a_sharded_model(tmp_path):

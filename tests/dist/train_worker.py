@@ -166,6 +166,7 @@ def main() -> int:
             try:
                 state = trainer.train(resume=args.resume)
                 info["losses"] = state.losses
+                info["fused_adamw"] = [group["fused"] for group in trainer.optimizer.param_groups]
             except sp.distributed.RankDivergenceError as exc:
                 info["divergence"] = str(exc)
             except Exception as exc:  # noqa: BLE001 - recorded for the test

@@ -153,3 +153,32 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tiny, tmp_path):  # noqa: F811
     assert json.loads((tmp_path / "e.json").read_text())["test"]["examples"] == 19
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == N
+
+
+def test_adamw_is_fused_and_a_checkpoint_keeps_its_choice(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """Runs use fused AdamW (recorded in the checkpoint's optimizer groups). A checkpoint written by the unfused
+    loop (as every run before fused AdamW) resumes unfused: it ends bit-identical to an uninterrupted unfused run,
+    which a fused second half would not (fused and unfused differ in the last bits)."""
+    from subpeft.training import loop
+
+    spec = _spec(tiny, "lora", CASES["lora-dropout"][1])
+    fused = train_run(spec, tmp_path / "fused", progress=False, echo=False)
+    saved = json.loads((tmp_path / "fused" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert {g["fused"] for g in saved["optimizer"]["param_groups"]} == {True}
+
+    monkeypatch.setattr(loop, "fused_adamw", lambda params: None)  # the loop before fused AdamW
+    plain = train_run(spec, tmp_path / "plain", progress=False, echo=False)
+    assert plain["test"] != fused["test"] or any(
+        not torch.equal(a, b) for a, b in zip(_tensors(tmp_path / "plain").values(),
+                                               _tensors(tmp_path / "fused").values(), strict=True))
+
+    def stop_half_way(trainer, step):
+        if step == N // 2:
+            trainer.request_stop()
+
+    with pytest.raises(TrainingInterrupted):
+        train_run(spec, tmp_path / "cut", progress=False, echo=False, on_step=stop_half_way)
+    monkeypatch.undo()  # resumed by today's loop, which would choose fused
+    train_run(spec, tmp_path / "cut", resume=True, progress=False, echo=False)
+    a, b = _tensors(tmp_path / "plain"), _tensors(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
