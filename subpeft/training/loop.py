@@ -2,8 +2,9 @@
 
 ``subpeft train`` runs it, and so does :func:`train_classifier` (labelled texts, the demo and the real tier).
 
-:class:`Trainer` runs AdamW with a linear warm-up/decay schedule, gradient accumulation and
-clipping on any :class:`Workload`, and calls the library's training hooks: ``tuned.regularization()``
+:class:`Trainer` runs AdamW (fused where torch has it: :func:`fused_adamw`) with a linear warm-up/decay
+schedule, gradient accumulation and clipping on any :class:`Workload` (the task loss is
+:meth:`Workload.loss`: the forward's ``loss``, or a causal LM's on its answer rows only), and calls the library's training hooks: ``tuned.regularization()``
 is added to every micro-batch's loss (divided by the accumulation steps, like the task loss),
 ``tuned.step(global_step)`` runs after every optimizer step, before the gradients are cleared
 (AdaLoRA reads them), and ``tuned.finalize()`` once training has ended (``TrainArgs.finalize``).
