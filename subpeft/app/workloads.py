@@ -144,9 +144,10 @@ class Generation(Workload):
         predict an answer token: about a quarter of the positions on the chat task. A pre-hook on the
         model's output embeddings gathers those rows of its input; when that input is not one row per
         ``labels`` position (a prompt-kind adapter's virtual tokens), it is left alone and the loss is taken
-        from the full logits (which such adapters return in the caller's terms)."""
+        from the full logits (which such adapters return in the caller's terms). A ``torch.compile``'d model gets
+        the forward's own loss: a hook added and removed at every call would make it recompile."""
         labels = batch["labels"]
-        head = output_head(model)
+        head = None if hasattr(model, "_orig_mod") else output_head(model)  # torch.compile'd: no per-call hooks
         if head is None:
             return model(**batch).loss
         targets = labels[:, 1:]

@@ -123,3 +123,16 @@ def test_the_hook_is_removed_even_when_the_forward_fails():
     with pytest.raises(IndexError):
         Generation.loss(None, model, x)
     assert not model.lm_head._forward_pre_hooks
+
+
+def test_a_compiled_model_gets_the_forwards_loss_without_hooks():
+    """torch.compile'd models keep the forward's loss (a hook added per call would force recompiles)."""
+    model = tiny_llama()
+    seen = _rows_seen(model)
+    compiled = torch.compile(model, backend="eager")
+    x = _labelled()
+    with torch.no_grad():
+        got = Generation.loss(None, compiled, x)
+        want = model(**x).loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert seen == [x["input_ids"].numel()] * 2 and not model.lm_head._forward_pre_hooks
