@@ -370,11 +370,10 @@ def judge(task: str, runs: list[dict]) -> list[dict]:
     for part, p in TASKS[task]["parts"].items():
         for label, _ in _entries(task, part):
             planned_seeds[label] = max(planned_seeds.get(label, 0), p["seeds"])
-    planned = set(planned_seeds)
     out = []
     for c in CLAIMS:
         c = {k: v for k, v in c.items() if k != "tasks"} | c.get("tasks", {}).get(task, {})  # a task's own entries
-        if not {c["a"], c["b"]} <= planned:
+        if not {c["a"], c["b"]} <= planned_seeds.keys():
             continue  # not part of this task's comparisons
         a, b = by.get(c["a"], {}), by.get(c["b"], {})
         if c["kind"] == "better":

@@ -195,7 +195,7 @@ class Generation(Workload):
                 stop += 1
             batch = self._pad([examples[i] for i in order[start:stop]])
             start = stop
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # targets after the causal shift
+            n = self.loss_units(batch)  # targets after the causal shift
             if n == 0:
                 continue
             total += w * float(self.loss(model, _to(batch, device))) * n
