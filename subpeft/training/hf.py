@@ -37,7 +37,9 @@ number of optimizer steps done, as ``TrainerState.global_step`` reads right afte
 
 Several processes (``accelerate launch`` / ``torchrun``; see docs/distributed_hf.md): under DDP the step hook
 reads the all-reduced gradients, so every rank makes the same decisions; checkpoints and ``save_model`` write the
-adapter from rank 0 only. Where training shards the adapter (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions),
+adapter from rank 0 only. Under accelerate's FSDP2 the trainable tensors stay whole on every rank (FSDP2 shards the
+frozen base; SubpeftTrainer averages the whole tensors' gradients), so the methods' hooks see plain tensors.
+Where training shards the adapter (FSDP2 when everything trains, DeepSpeed ZeRO-3 partitions),
 every rank joins a gather of the adapter's tensors (not the whole model's) and rank 0 writes them whole;
 loading a checkpoint's adapter shards it back (under DeepSpeed, ``resume_from_checkpoint`` reads the engine's
 own checkpoint instead). Methods whose parameters sit out of some forwards (LoRA-Dash before
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -194,6 +197,7 @@ class SubpeftTrainer(Trainer):
             cb.finalize = cb.finalize and finalize
         if not callbacks:
             self.add_callback(SubpeftCallback(regularization=False, finalize=finalize))
+        self._whole_params: list[nn.Parameter] = self._keep_trainable_whole_under_fsdp2()
         base = self._base_model()
         if base is not None:
             from transformers.utils import can_return_loss, find_labels
@@ -210,6 +214,43 @@ class SubpeftTrainer(Trainer):
                 accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD
                               for p in inspect.signature(base.forward).parameters.values())
             self.model_accepts_loss_kwargs = bool(accepts)
+
+    def _keep_trainable_whole_under_fsdp2(self) -> list[nn.Parameter]:
+        """Under accelerate's FSDP2 (``fsdp_version=2``), keep a TunedModel's trainable tensors whole on every rank,
+        as :func:`subpeft.distributed.shard` does: they are given to ``fully_shard`` as ignored parameters (through
+        the plugin's ``ignored_modules``, added to any the user set), so FSDP2 shards the frozen base only, and the
+        methods' hooks (AdaLoRA's budget and orthogonality term, LoRA-Dash's switch) see plain tensors.
+        :meth:`training_step` then averages their gradients over the ranks, as FSDP2 would. Returns those
+        tensors (empty when this does not apply: no FSDP2, not a TunedModel, everything trains, or a device mesh
+        with more than one dimension)."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if getattr(self, "is_fsdp_enabled", False) else None
+        if plugin is None or getattr(plugin, "fsdp_version", 1) != 2 or find_tuned(self.model) is None:
+            return []
+        mesh = getattr(self.accelerator, "torch_device_mesh", None)
+        if mesh is not None and mesh.ndim > 1:
+            return []
+        params = list(self.model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        if not trainable or len(trainable) == len(params):
+            return []
+        from .. import distributed  # noqa: F401  (registers the weight access of sharded base weights)
+
+        given = plugin.ignored_modules
+        if isinstance(given, str):
+            pattern = re.compile(given)
+            given = [m for name, m in self.model.named_modules() if pattern.fullmatch(name)]
+        holder = nn.Module()
+        holder.tensors = nn.ParameterList(trainable)  # the same Parameter objects: a container, not copies
+        plugin.ignored_modules = [*(given or []), holder]
+        return trainable
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._whole_params and self.accelerator.sync_gradients:  # the accumulation's last micro-batch
+            from ..distributed import average_gradients
+
+            average_gradients(self._whole_params)
+        return loss
 
     def _base_model(self) -> nn.Module | None:
         tuned = find_tuned(self.model)

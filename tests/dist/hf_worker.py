@@ -5,6 +5,8 @@ Writes into ``--out``:
 * ``live-<rank>.safetensors``: this rank's live adapter tensors after training (full tensors, gathered
   from DTensors under FSDP2);
 * ``writes-<rank>.json``: the adapter files this rank wrote (one entry per ``write_adapter`` call);
+* ``layout-<rank>.json``: how many frozen and trainable parameters training saw as sharded DTensors, and how
+  many trainable ones whole;
 * ``trainer/``: the Trainer's output_dir (checkpoints, final ``save_model``).
 """
 
@@ -162,11 +164,12 @@ def run(a: argparse.Namespace, name: str) -> None:
         extra["deepspeed"] = a.deepspeed
     extra.update(json.loads(a.args))
     extra.setdefault("use_cpu", not a.deepspeed)  # accelerate turns DeepSpeed off under use_cpu
-    args = TrainingArguments(
+    settings = dict(
         output_dir=str(out / "trainer"), per_device_train_batch_size=a.batch, learning_rate=1e-2, max_steps=a.steps,
         report_to=[], save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
         logging_strategy="no", seed=0, disable_tqdm=True, max_grad_norm=0.0, dataloader_num_workers=0,
-        lr_scheduler_type="constant", warmup_steps=0, **extra)
+        lr_scheduler_type="constant", warmup_steps=0)
+    args = TrainingArguments(**{**settings, **extra})  # --args may override any of these
     tuned = sp.attach(build_model(0, a.explicit_forward), method(name, a.steps))
     trainer = SubpeftTrainer(model=tuned, args=args, train_dataset=dataset())
     try:
@@ -177,6 +180,13 @@ def run(a: argparse.Namespace, name: str) -> None:
         trainer.save_model()  # the final adapter into trainer/
     finally:
         core_model.write_adapter = original
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.model.parameters())  # what training ran on (under FSDP2: the sharded model)
+    layout = {"sharded_frozen": sum(isinstance(p, DTensor) for p in params if not p.requires_grad),
+              "sharded_trainable": sum(isinstance(p, DTensor) for p in params if p.requires_grad),
+              "whole_trainable": sum(not isinstance(p, DTensor) for p in params if p.requires_grad)}
+    (out / f"layout-{rank}.json").write_text(json.dumps(layout))
     live = full_adapter_state(tuned)
     save_file({k: v.detach().cpu().contiguous() for k, v in live.items()}, str(out / f"live-{rank}.safetensors"))
     (out / f"writes-{rank}.json").write_text(json.dumps(writes))

@@ -10,8 +10,9 @@
   a base model whose forward takes no ``**kwargs`` gets no loss scaling (exact under Trainer's defaults,
   with gradient accumulation).
 * FSDP2 (accelerate's ``fully_shard`` path; on CPU the worker has to put accelerate's dropped FSDP plugin
-  back, see ``force_fsdp_on_cpu``): LoRA saves the whole adapter (gathered DTensors) once, equal to one
-  process, and resumes from it.
+  back, see ``force_fsdp_on_cpu``): the base is sharded, the trainable tensors stay whole; LoRA, AdaLoRA and
+  LoRA-Dash equal one process (also with gradient accumulation and clipping), save the whole adapter once and
+  resume from it.
 * DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned), where ``deepspeed`` imports (it is not a
   dependency; on CPU the worker gives accelerate the gloo back-end, see ``force_deepspeed_on_cpu``): the same
   for LoRA.
@@ -139,19 +140,49 @@ def test_default_arguments_and_unused_parameters(runs, tmp_path):
 
 
 def test_fsdp2_saves_the_whole_adapter_once_and_resumes(runs, tmp_path):
+    """accelerate's FSDP2 shards the frozen base only: SubpeftTrainer keeps the trainable tensors whole on every
+    rank (ignored by ``fully_shard``) and averages their gradients itself, so AdaLoRA's budget and orthogonality
+    term and LoRA-Dash's switch (which reads the sharded W) run as under DDP, and equal one process."""
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    common = ["--methods", "lora", "--fsdp", "--steps", "6", "--save-steps", "3", "--batch", "4", "--args", EXACT]
+    common = ["--methods", ",".join(METHODS), "--fsdp", "--steps", "6", "--save-steps", "3", "--batch", "4",
+              "--args", EXACT]
     _ok(_launch(first, *common))
-    assert (first / "lora" / "trainer" / "checkpoint-3" / "pytorch_model_fsdp.bin").is_file(), "FSDP did not run"
-    rank0 = load_file(first / "lora" / "live-0.safetensors")
-    _assert_equal(rank0, load_file(first / "lora" / "live-1.safetensors"))
-    _assert_close(rank0, load_file(runs / "single" / "lora" / "live-0.safetensors"), atol=1e-5)
-    saved = load_file(first / "lora" / "trainer" / "adapter_model.safetensors")
-    _assert_equal(saved, rank0)  # whole tensors (the shapes of one process), not one rank's shard
-    writes = [json.loads((first / "lora" / f"writes-{r}.json").read_text()) for r in (0, 1)]
-    assert writes == [["trainer/checkpoint-3", "trainer/checkpoint-6", "trainer"], []]
+    for name in METHODS:
+        assert (first / name / "trainer" / "checkpoint-3" / "pytorch_model_fsdp.bin").is_file(), "FSDP did not run"
+        layout = json.loads((first / name / "layout-0.json").read_text())
+        assert layout["sharded_frozen"] > 0 and layout["sharded_trainable"] == 0 and layout["whole_trainable"] > 0
+        rank0 = load_file(first / name / "live-0.safetensors")
+        _assert_equal(rank0, load_file(first / name / "live-1.safetensors"))
+        _assert_close(rank0, load_file(runs / "single" / name / "live-0.safetensors"), atol=1e-5)
+        saved = load_file(first / name / "trainer" / "adapter_model.safetensors")
+        _assert_equal(saved, rank0)  # whole tensors (the shapes of one process), not one rank's shard
+        writes = [json.loads((first / name / f"writes-{r}.json").read_text()) for r in (0, 1)]
+        assert writes == [["trainer/checkpoint-3", "trainer/checkpoint-6", "trainer"], []]
+        if name == "lora_dash":
+            assert all(int(v) == 1 for k, v in rank0.items() if k.endswith("dash_phase"))
     _ok(_launch(resumed, *common, "--resume", str(first)))
-    _assert_close(load_file(resumed / "lora" / "live-0.safetensors"), rank0, atol=1e-6)
+    for name in METHODS:
+        _assert_close(load_file(resumed / name / "live-0.safetensors"),
+                      load_file(first / name / "live-0.safetensors"), atol=1e-6)
+
+
+def test_fsdp2_accumulation_and_clipping_equal_one_process(tmp_path):
+    """The whole tensors' gradients are averaged once per optimizer step, after the accumulation's last
+    micro-batch and before clipping (Trainer clips DTensor and plain gradients together): 2 processes x batch 2
+    x 2 accumulation steps with clipping equal one process with batch 8 (a base model whose forward takes no
+    ``**kwargs``, so Trainer's loss scaling is exact; see test_default_arguments_and_unused_parameters)."""
+    clip = '{"max_grad_norm": 0.05%s}'
+    _ok(_launch(tmp_path / "single", "--methods", ",".join(METHODS), "--steps", "6", "--batch", "8",
+                "--explicit-forward", "--args", clip % "", nproc=1))
+    _ok(_launch(tmp_path / "fsdp", "--methods", ",".join(METHODS), "--fsdp", "--steps", "6", "--batch", "2",
+                "--explicit-forward", "--args", clip % ', "gradient_accumulation_steps": 2'))
+    _ok(_launch(tmp_path / "unclipped", "--methods", "lora", "--steps", "6", "--batch", "8", "--explicit-forward",
+                nproc=1))
+    for name in METHODS:
+        _assert_close(load_file(tmp_path / "fsdp" / name / "live-0.safetensors"),
+                      load_file(tmp_path / "single" / name / "live-0.safetensors"), atol=1e-6)
+    clipped, unclipped = (load_file(tmp_path / d / "lora" / "live-0.safetensors") for d in ("single", "unclipped"))
+    assert max(float((clipped[k] - unclipped[k]).abs().max()) for k in clipped) > 1e-3, "clipping must bite"
 
 
 def _deepspeed_config(path: Path, stage: int) -> Path:
