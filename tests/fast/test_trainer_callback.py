@@ -202,3 +202,37 @@ def test_subpeft_trainer_saves_adapters_and_resumes(tmp_path):
     for (n, a), (_, b) in zip(tuned.adapters_of("default"), resumed.adapters_of("default"), strict=True):
         torch.testing.assert_close(a.lora_A, b.lora_A, atol=1e-6, rtol=1e-5, msg=n)
         assert torch.equal(a.rank_mask, b.rank_mask), n
+
+
+def _fsdp2_setup(model, ignored=None, *, version: int = 2, enabled: bool = True):
+    """What ``_keep_trainable_whole_under_fsdp2`` reads of a Trainer whose accelerator runs FSDP (the dist tier runs
+    the real thing: tests/dist/test_hf_distributed.py)."""
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(fsdp_version=version, ignored_modules=ignored)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None)
+    return SimpleNamespace(is_fsdp_enabled=enabled, accelerator=accelerator, model=model), plugin
+
+
+def test_fsdp2_keeps_exactly_the_trainable_tensors_whole_and_keeps_the_users_ignored_modules():
+    tuned = _tuned(sp.LoRA(r=2, targets=["query", "value"], modules_to_save=["classifier"]))
+    keep = SubpeftTrainer._keep_trainable_whole_under_fsdp2
+    trainable = {id(p) for p in tuned.parameters() if p.requires_grad}
+    # a regex of the user's, resolved to the modules it names, then the trainable tensors
+    trainer, plugin = _fsdp2_setup(tuned, r".*embeddings\.word_embeddings")
+    whole = keep(trainer)
+    assert {id(p) for p in whole} == trainable and len(whole) == len(trainable)
+    *users, holder = plugin.ignored_modules
+    assert [type(m).__name__ for m in users] == ["Embedding"]
+    assert {id(p) for p in holder.parameters()} == trainable  # the model's own Parameter objects, not copies
+    trainer, plugin = _fsdp2_setup(tuned, [users[0]])
+    keep(trainer)
+    assert plugin.ignored_modules[0] is users[0] and len(plugin.ignored_modules) == 2
+    # not applied: FSDP1, FSDP off, everything trains (full fine-tuning: FSDP2 shards it all)
+    for setup in (_fsdp2_setup(tuned, version=1), _fsdp2_setup(tuned, enabled=False)):
+        assert keep(setup[0]) == [] and setup[1].ignored_modules is None
+    full = _tuned(sp.LoRA(r=2, targets=["query"]))
+    for p in full.parameters():
+        p.requires_grad_(True)
+    trainer, plugin = _fsdp2_setup(full)
+    assert keep(trainer) == [] and plugin.ignored_modules is None
