@@ -27,7 +27,9 @@ pruning (loss terms) need ``tuned.regularization()`` added to the loss and
 
 Both call ``tuned.step(state.global_step + 1)`` from ``on_optimizer_step`` (transformers ≥ 4.39):
 after ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA's allocator reads the gradients), with the
-number of optimizer steps done, as ``TrainerState.global_step`` reads right after. At the end of training
+number of optimizer steps done, as ``TrainerState.global_step`` reads right after. Under DeepSpeed (ZeRO-1/2), whose
+engine clears the gradients inside ``backward``, SubpeftTrainer takes them before the engine's step and hands them
+to the hook (see ``SubpeftTrainer._capture_deepspeed_gradients``); under ZeRO-3 it refuses methods with hooks. At the end of training
 (``on_train_end``) ``tuned.finalize()`` runs (Diff pruning keeps its top-k entries), unless
 ``finalize=False``.
 
@@ -125,6 +127,23 @@ def full_adapter_state(tuned: nn.Module, adapter_name: str | None = None) -> dic
         return {k: v.detach().clone() for k, v in tuned.adapter_state_dict(name).items()}
 
 
+def _write_changes_to_deepspeed_master(before: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Copy what a step hook wrote into parameters (their values now against ``before``) into DeepSpeed's fp32
+    partitions, only the entries that changed (no rounding of the rest under bf16). Every rank calls it with the
+    same parameters; the set of changed ones is agreed on first, since reading the fp32 values is a collective."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    changed = torch.tensor([not torch.equal(old, p.detach()) for p, old in before.items()], dtype=torch.int32)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(changed, op=torch.distributed.ReduceOp.MAX)
+    for (p, old), flag in zip(before.items(), changed.tolist(), strict=True):
+        master = safe_get_full_fp32_param(p) if flag else None
+        if master is not None:
+            moved = p.detach() != old
+            master[moved] = p.detach()[moved].to(master.dtype)
+            safe_set_full_fp32_param(p, master)
+
+
 class SubpeftCallback(TrainerCallback):
     """Calls ``tuned.step(global_step)`` after every optimizer step and ``tuned.finalize()`` at the end;
     with ``regularization=True`` also adds the gradient of ``tuned.regularization()`` once per
@@ -143,6 +162,8 @@ class SubpeftCallback(TrainerCallback):
         self.regularization = regularization
         self.finalize = finalize
         self.calls: int = 0  # optimizer steps seen (for checks)
+        #: a context manager factory around the step hook (SubpeftTrainer sets it under DeepSpeed)
+        self.around_step: Any = contextlib.nullcontext
         self.events: list[dict[str, Any]] = []  # the methods' phase events, in order
 
     def _take_events(self, hooks: TrainingHooks, state) -> None:
@@ -171,7 +192,8 @@ class SubpeftCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
         hooks = self._hooks(kwargs)
         if hooks:
-            hooks.step(state.global_step + 1)  # global_step is incremented after zero_grad()
+            with self.around_step():
+                hooks.step(state.global_step + 1)  # global_step is incremented after zero_grad()
             self.calls += 1
             self._take_events(hooks, state)
         return control
@@ -196,7 +218,13 @@ class SubpeftTrainer(Trainer):
             cb.regularization = False  # the term is in the loss here: never twice
             cb.finalize = cb.finalize and finalize
         if not callbacks:
-            self.add_callback(SubpeftCallback(regularization=False, finalize=finalize))
+            callbacks = [SubpeftCallback(regularization=False, finalize=finalize)]
+            self.add_callback(callbacks[0])
+        self._deepspeed_grads: dict[nn.Parameter, torch.Tensor] | None = None  # see _deepspeed_step_hook
+        self._deepspeed_engine: Any = None
+        if getattr(self, "is_deepspeed_enabled", False):
+            for cb in callbacks:
+                cb.around_step = self._deepspeed_step_hook
         self._whole_params: list[nn.Parameter] = self._keep_trainable_whole_under_fsdp2()
         base = self._base_model()
         if base is not None:
@@ -245,12 +273,97 @@ class SubpeftTrainer(Trainer):
         return trainable
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
+        if getattr(self, "is_deepspeed_enabled", False):
+            self._capture_deepspeed_gradients()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._whole_params and self.accelerator.sync_gradients:  # the accumulation's last micro-batch
             from ..distributed import average_gradients
 
             average_gradients(self._whole_params)
         return loss
+
+    def _scheduled_trainables(self) -> list[nn.Parameter]:
+        """The trainable tensors, when an active method has a step hook that reads or changes them (AdaLoRA's
+        allocator, LoRA-Dash's switch: ``step_needs_unmerged``); else empty."""
+        tuned = find_tuned(self.model)
+        instances = getattr(tuned, "instances", {})
+        if not any(getattr(instances[n], "step_needs_unmerged", False) for n in getattr(tuned, "active_adapters", [])):
+            return []
+        return [p for p in tuned.parameters() if p.requires_grad]
+
+    def _capture_deepspeed_gradients(self) -> None:
+        """Under DeepSpeed, accelerate's ``backward`` runs the engine's whole step (clip, update, clear the
+        gradients) before Trainer's ``on_optimizer_step``, and the engine keeps the gradients and the fp32
+        weights in its own partitions: the step hook (AdaLoRA's allocator reads the gradients) would find none.
+        So the engine's ``step`` is wrapped once: at a gradient accumulation boundary it first takes the full
+        gradients (``deepspeed.utils.safe_get_full_grad``, every rank alike), scaled as the engine's clipping
+        will scale them; :meth:`_deepspeed_step_hook` hands them to the hook."""
+        wrapper = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        engine = getattr(wrapper, "engine", None)
+        if engine is None or engine is self._deepspeed_engine:
+            return
+        self._deepspeed_engine = engine
+        params = self._scheduled_trainables()
+        self._refuse_hooks_under_zero3(bool(params))
+        if not params:
+            return
+        from deepspeed.utils import safe_get_full_grad
+
+        original = engine.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if engine.is_gradient_accumulation_boundary():
+                grads = {p: safe_get_full_grad(p) for p in params}
+                self._deepspeed_grads = {p: g.detach().clone() for p, g in grads.items() if g is not None}
+                self._deepspeed_clip = engine.gradient_clipping()
+            return original(*args, **kwargs)
+
+        engine.step = step  # an instance attribute: accelerate's wrapper calls engine.step()
+
+    def _refuse_hooks_under_zero3(self, scheduled: bool) -> None:
+        """ZeRO-3 keeps only partitions of the adapter (and of the base) outside the forward, where the methods'
+        regularization term and step hook read them (AdaLoRA, LoRA-Dash's switch reads W, MPC, Diff pruning):
+        stop with one clear line before the first step instead of an error deep inside the method."""
+        tuned = find_tuned(self.model)
+        zero3 = [p for p in tuned.parameters() if p.requires_grad and _is_zero3(p)] if tuned is not None else []
+        if not zero3:
+            return
+        term = None
+        if not scheduled:  # does any method add a loss term? (read on whole tensors, nothing changes)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None), torch.no_grad():
+                term, _ = TrainingHooks(tuned).regularization(value=False)
+        if scheduled or term is not None:
+            methods = sorted({tuned.configs[n].method for n in tuned.active_adapters})
+            raise ValueError(
+                f"{', '.join(methods)} under DeepSpeed ZeRO-3: the method's "
+                f"{'step hook' if scheduled else 'regularization term'} reads the adapter (LoRA-Dash's switch also "
+                "the base weights) outside the forward, where ZeRO-3 keeps only this rank's partition; use ZeRO-1 "
+                "or ZeRO-2 (\"zero_optimization\": {\"stage\": 2}), DDP or FSDP2 for it")
+
+    @contextlib.contextmanager
+    def _deepspeed_step_hook(self) -> Iterator[None]:
+        """Around the step hook under DeepSpeed: the gradients taken before the engine's step are put back on
+        the parameters (clipped as the engine clipped them) and the weights the hook changes (AdaLoRA's masks)
+        are written into the engine's fp32 partitions (``safe_set_full_fp32_param``), which would otherwise
+        overwrite them at the next step."""
+        grads, self._deepspeed_grads = self._deepspeed_grads, None
+        if not grads:
+            yield
+            return
+        clip = getattr(self, "_deepspeed_clip", 0.0)
+        norm = self._deepspeed_engine.get_global_grad_norm() if clip and clip > 0 else None
+        factor = (float(norm) + 1e-6) / clip if norm is not None else 1.0  # the engine's rule (engine.py)
+        before = {p: p.detach().clone() for p in grads}
+        for p, g in grads.items():
+            p.grad = (g / factor if factor > 1 else g).to(p.dtype)
+        try:
+            yield
+        finally:
+            for p in grads:
+                p.grad = None
+        _write_changes_to_deepspeed_master(before)
 
     def _base_model(self) -> nn.Module | None:
         tuned = find_tuned(self.model)

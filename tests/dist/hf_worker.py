@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root, so that `subpeft` imports from this tree
@@ -107,6 +108,17 @@ def force_deepspeed_on_cpu() -> None:
     accelerate.state.PartialState._prepare_backend = patched
 
 
+class IdleZeroGrads(TrainerCallback):
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return control
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--methods", default="lora", help="comma-separated: lora, adalora, lora_dash (one run each)")
@@ -120,6 +132,9 @@ def main() -> None:
     p.add_argument("--fsdp", action="store_true", help="FSDP2 through TrainingArguments(fsdp=True, fsdp_config)")
     p.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config file")
     p.add_argument("--args", default="{}", help="more TrainingArguments, as JSON")
+    p.add_argument("--idle-zero-grads", action="store_true",
+                   help="give trainable tensors without a gradient a zero gradient before every optimizer step (what "
+                        "DeepSpeed's flat optimizer does: their Adam step count then runs from the first step)")
     p.add_argument("--explicit-forward", action="store_true",
                    help="the base model's forward takes named arguments only (no **kwargs)")
     a = p.parse_args()
@@ -172,6 +187,8 @@ def run(a: argparse.Namespace, name: str) -> None:
     args = TrainingArguments(**{**settings, **extra})  # --args may override any of these
     tuned = sp.attach(build_model(0, a.explicit_forward), method(name, a.steps))
     trainer = SubpeftTrainer(model=tuned, args=args, train_dataset=dataset())
+    if a.idle_zero_grads:
+        trainer.add_callback(IdleZeroGrads(tuned))
     try:
         resume = None
         if a.resume:

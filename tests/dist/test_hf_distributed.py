@@ -15,7 +15,8 @@
   resume from it.
 * DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned), where ``deepspeed`` imports (it is not a
   dependency; on CPU the worker gives accelerate the gloo back-end, see ``force_deepspeed_on_cpu``): the same
-  for LoRA.
+  for LoRA; AdaLoRA and LoRA-Dash under ZeRO-2 (their step hooks get the gradients DeepSpeed keeps), and a clear
+  error for them under ZeRO-3.
 
 The one-process comparison uses ``average_tokens_across_devices=False``: with the default (True), Trainer
 multiplies each rank's loss by the number of processes for models whose ``forward`` takes ``**kwargs`` (it
@@ -214,3 +215,37 @@ def test_deepspeed_zero_saves_the_whole_adapter_once(runs, tmp_path, stage):
     if stage == 3:
         _ok(_launch(resumed, *common, "--resume", str(first), timeout=240))
         _assert_close(load_file(resumed / "lora" / "live-0.safetensors"), rank0, atol=1e-6)
+
+
+def test_deepspeed_zero2_runs_the_step_hooks(runs, tmp_path):
+    """ZeRO-2: the engine's step clears the gradients and keeps the fp32 weights in its partitions, so
+    SubpeftTrainer takes the full gradients before the engine's step, hands them to the step hook, and writes
+    what the hook changed (AdaLoRA's masks) into the partitions. AdaLoRA then equals one process; LoRA-Dash equals
+    one process whose Δσ gets zero gradients before its switch, as DeepSpeed's flat optimizer gives it (its Adam
+    step count then runs from the first step, which moves Δσ by ~7e-3 against torch's AdamW)."""
+    pytest.importorskip("deepspeed")
+    config = _deepspeed_config(tmp_path / "ds.json", 2)
+    _ok(_launch(tmp_path / "ds", "--methods", "adalora,lora_dash", "--deepspeed", str(config), "--steps", "6",
+                "--batch", "4", "--args", EXACT, timeout=240))
+    _ok(_launch(tmp_path / "idle", "--methods", "lora_dash", "--idle-zero-grads", "--steps", "6", "--batch", "8",
+                "--args", EXACT, nproc=1))
+    for name, reference in (("adalora", runs / "single"), ("lora_dash", tmp_path / "idle")):
+        rank0 = load_file(tmp_path / "ds" / name / "live-0.safetensors")
+        _assert_equal(rank0, load_file(tmp_path / "ds" / name / "live-1.safetensors"))
+        _assert_close(rank0, load_file(reference / name / "live-0.safetensors"), atol=1e-5)
+    kept = [int(torch.count_nonzero(v)) for k, v in load_file(tmp_path / "ds" / "adalora" / "live-0.safetensors").items()
+            if k.endswith("lora_E")]
+    assert sum(kept) == len(kept) and len(set(kept)) > 1, kept  # the budget ran, and its masks held
+    dash = load_file(tmp_path / "ds" / "lora_dash" / "live-0.safetensors")
+    torch_adamw = load_file(runs / "single" / "lora_dash" / "live-0.safetensors")
+    assert max(float((dash[k] - torch_adamw[k]).abs().max()) for k in dash) > 1e-3  # the step count does matter
+
+
+def test_deepspeed_zero3_refuses_methods_with_hooks(tmp_path):
+    pytest.importorskip("deepspeed")
+    config = _deepspeed_config(tmp_path / "ds.json", 3)
+    for name in ("adalora", "lora_dash"):
+        proc = _launch(tmp_path, "--methods", name, "--deepspeed", str(config), "--steps", "4", "--batch", "4",
+                       timeout=240)
+        assert proc.returncode != 0 and not (tmp_path / name / "live-0.safetensors").exists()
+        assert f"{name} under DeepSpeed ZeRO-3" in proc.stderr and '"stage": 2' in proc.stderr, proc.stderr[-3000:]
