@@ -144,6 +144,26 @@ def _write_changes_to_deepspeed_master(before: dict[nn.Parameter, torch.Tensor])
             safe_set_full_fp32_param(p, master)
 
 
+class _TrainableTensors(nn.Module):
+    """Stands for a model's trainable tensors in accelerate's FSDP2 ``ignored_modules`` (which takes modules):
+    its ``parameters()`` are looked up in the model by name when asked, since preparing the model may replace the
+    Parameter objects (``cpu_ram_efficient_loading`` moves it to the meta device first), and ``to()`` moves them in
+    place, in the model."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: the model stays the model's
+        self._names = frozenset(names)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:  # noqa: D102
+        return iter([p for n, p in self._model.named_parameters() if n in self._names])
+
+    def to(self, *args: Any, **kwargs: Any) -> _TrainableTensors:  # noqa: D102
+        for p in self.parameters():
+            p.data = p.data.to(*args, **kwargs)
+        return self
+
+
 class SubpeftCallback(TrainerCallback):
     """Calls ``tuned.step(global_step)`` after every optimizer step and ``tuned.finalize()`` at the end;
     with ``regularization=True`` also adds the gradient of ``tuned.regularization()`` once per
@@ -267,9 +287,8 @@ class SubpeftTrainer(Trainer):
         if isinstance(given, str):
             pattern = re.compile(given)
             given = [m for name, m in self.model.named_modules() if pattern.fullmatch(name)]
-        holder = nn.Module()
-        holder.tensors = nn.ParameterList(trainable)  # the same Parameter objects: a container, not copies
-        plugin.ignored_modules = [*(given or []), holder]
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        plugin.ignored_modules = [*(given or []), _TrainableTensors(self.model, names)]
         return trainable
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
@@ -279,7 +298,7 @@ class SubpeftTrainer(Trainer):
         if self._whole_params and self.accelerator.sync_gradients:  # the accumulation's last micro-batch
             from ..distributed import average_gradients
 
-            average_gradients(self._whole_params)
+            average_gradients([p for p in model.parameters() if p.requires_grad and not _is_dtensor(p)])
         return loss
 
     def _scheduled_trainables(self) -> list[nn.Parameter]:

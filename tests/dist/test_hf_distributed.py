@@ -167,6 +167,19 @@ def test_fsdp2_saves_the_whole_adapter_once_and_resumes(runs, tmp_path):
                       load_file(first / name / "live-0.safetensors"), atol=1e-6)
 
 
+def test_fsdp2_cpu_ram_efficient_loading_keeps_the_trainable_tensors_whole(runs, tmp_path):
+    """With ``cpu_ram_efficient_loading`` accelerate moves the model to the meta device before sharding, which
+    replaces its Parameter objects: the trainable tensors are named to accelerate, not held, so they stay whole."""
+    config = ('{"average_tokens_across_devices": false, "fsdp_config": {"version": 2, "reshard_after_forward": true, '
+              '"transformer_layer_cls_to_wrap": ["BertLayer"], "cpu_ram_efficient_loading": true}}')
+    _ok(_launch(tmp_path, "--methods", "adalora,lora_dash", "--fsdp", "--steps", "6", "--batch", "4", "--args", config))
+    for name in ("adalora", "lora_dash"):
+        layout = json.loads((tmp_path / name / "layout-0.json").read_text())
+        assert layout["sharded_frozen"] > 0 and layout["sharded_trainable"] == 0
+        _assert_close(load_file(tmp_path / name / "live-0.safetensors"),
+                      load_file(runs / "single" / name / "live-0.safetensors"), atol=1e-5)
+
+
 def test_fsdp2_accumulation_and_clipping_equal_one_process(tmp_path):
     """The whole tensors' gradients are averaged once per optimizer step, after the accumulation's last
     micro-batch and before clipping (Trainer clips DTensor and plain gradients together): 2 processes x batch 2

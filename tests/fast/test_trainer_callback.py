@@ -224,7 +224,8 @@ def test_fsdp2_keeps_exactly_the_trainable_tensors_whole_and_keeps_the_users_ign
     assert {id(p) for p in whole} == trainable and len(whole) == len(trainable)
     *users, holder = plugin.ignored_modules
     assert [type(m).__name__ for m in users] == ["Embedding"]
-    assert {id(p) for p in holder.parameters()} == trainable  # the model's own Parameter objects, not copies
+    assert {id(p) for p in holder.parameters()} == trainable  # the model's own Parameter objects, looked up by name
+    assert list(holder.children()) == [] and holder.to("cpu") is holder
     trainer, plugin = _fsdp2_setup(tuned, [users[0]])
     keep(trainer)
     assert plugin.ignored_modules[0] is users[0] and len(plugin.ignored_modules) == 2
