@@ -252,6 +252,15 @@ def test_deepspeed_zero2_runs_the_step_hooks(runs, tmp_path):
     dash = load_file(tmp_path / "ds" / "lora_dash" / "live-0.safetensors")
     torch_adamw = load_file(runs / "single" / "lora_dash" / "live-0.safetensors")
     assert max(float((dash[k] - torch_adamw[k]).abs().max()) for k in dash) > 1e-3  # the step count does matter
+    # with clipping: the allocator reads the gradients as the engine clipped them, as Trainer's clipping does
+    clip = '{"average_tokens_across_devices": false, "max_grad_norm": 0.05}'
+    _ok(_launch(tmp_path / "ds_clip", "--methods", "adalora", "--deepspeed", str(config), "--steps", "6", "--batch",
+                "4", "--args", clip, timeout=240))
+    _ok(_launch(tmp_path / "clip", "--methods", "adalora", "--steps", "6", "--batch", "8", "--args", clip, nproc=1))
+    clipped = load_file(tmp_path / "clip" / "adalora" / "live-0.safetensors")
+    _assert_close(load_file(tmp_path / "ds_clip" / "adalora" / "live-0.safetensors"), clipped, atol=1e-5)
+    unclipped = load_file(runs / "single" / "adalora" / "live-0.safetensors")
+    assert max(float((clipped[k].double() - unclipped[k].double()).abs().max()) for k in clipped) > 1e-3
 
 
 def test_deepspeed_zero3_refuses_methods_with_hooks(tmp_path):
