@@ -27,11 +27,11 @@ pruning (loss terms) need ``tuned.regularization()`` added to the loss and
 
 Both call ``tuned.step(state.global_step + 1)`` from ``on_optimizer_step`` (transformers ≥ 4.39):
 after ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA's allocator reads the gradients), with the
-number of optimizer steps done, as ``TrainerState.global_step`` reads right after. Under DeepSpeed (ZeRO-1/2), whose
-engine clears the gradients inside ``backward``, SubpeftTrainer takes them before the engine's step and hands them
-to the hook (see ``SubpeftTrainer._capture_deepspeed_gradients``); under ZeRO-3 it refuses methods with hooks. At the end of training
-(``on_train_end``) ``tuned.finalize()`` runs (Diff pruning keeps its top-k entries), unless
-``finalize=False``.
+number of optimizer steps done, as ``TrainerState.global_step`` reads right after. Under DeepSpeed (ZeRO-1/2),
+whose engine clears the gradients inside ``backward``, SubpeftTrainer takes them before the engine's step and
+hands them to the hook (``SubpeftTrainer._capture_deepspeed_gradients``); under ZeRO-3 it refuses methods with
+hooks. At the end of training (``on_train_end``) ``tuned.finalize()`` runs (Diff pruning keeps its top-k
+entries), unless ``finalize=False``.
 
     from subpeft.integrations import SubpeftTrainer  # or subpeft.training.hf
     trainer = SubpeftTrainer(model=tuned, args=TrainingArguments(...), train_dataset=ds)
@@ -242,6 +242,7 @@ class SubpeftTrainer(Trainer):
             self.add_callback(callbacks[0])
         self._deepspeed_grads: dict[nn.Parameter, torch.Tensor] | None = None  # see _deepspeed_step_hook
         self._deepspeed_engine: Any = None
+        self._deepspeed_clip = 0.0
         if getattr(self, "is_deepspeed_enabled", False):
             for cb in callbacks:
                 cb.around_step = self._deepspeed_step_hook
@@ -371,7 +372,7 @@ class SubpeftTrainer(Trainer):
         if not grads:
             yield
             return
-        clip = getattr(self, "_deepspeed_clip", 0.0)
+        clip = self._deepspeed_clip
         norm = self._deepspeed_engine.get_global_grad_norm() if clip and clip > 0 else None
         factor = (float(norm) + 1e-6) / clip if norm is not None else 1.0  # the engine's rule (engine.py)
         before = {p: p.detach().clone() for p in grads}
