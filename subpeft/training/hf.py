@@ -352,8 +352,9 @@ class SubpeftTrainer(Trainer):
         if not scheduled:  # does any method add a loss term? (read on whole tensors, nothing changes)
             import deepspeed
 
+            hooks = TrainingHooks(tuned)
             with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None), torch.no_grad():
-                term, _ = TrainingHooks(tuned).regularization(value=False)
+                term, _ = hooks.regularization(value=False)
         if scheduled or term is not None:
             methods = sorted({tuned.configs[n].method for n in tuned.active_adapters})
             raise ValueError(
