@@ -144,6 +144,24 @@ def _write_changes_to_deepspeed_master(before: dict[nn.Parameter, torch.Tensor])
             safe_set_full_fp32_param(p, master)
 
 
+@contextlib.contextmanager
+def _sharded_adapter_hint(hooks: TrainingHooks) -> Iterator[None]:
+    """Turn the error a method's hook meets on a sharded adapter (FSDP2 DTensors, outside the forward) into one
+    line that says what to do."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "DTensor" not in str(exc):
+            raise
+        tuned = hooks.tuned
+        methods = sorted({tuned.configs[n].method for n in getattr(tuned, "active_adapters", [])}) or ["the method"]
+        raise ValueError(
+            f"{', '.join(methods)}: its training hook (loss term or step) reads the adapter as whole tensors, but this "
+            "run shards the adapter (FSDP2 DTensors). With accelerate's FSDP2 use SubpeftTrainer, which keeps the "
+            "trainable tensors whole (not with a device mesh of more than one dimension), or "
+            "subpeft.distributed.shard / `subpeft train --strategy fsdp`, or DDP") from exc
+
+
 class _TrainableTensors(nn.Module):
     """Stands for a model's trainable tensors in accelerate's FSDP2 ``ignored_modules`` (which takes modules):
     its ``parameters()`` are looked up in the model by name when asked, since preparing the model may replace the
@@ -203,7 +221,7 @@ class SubpeftCallback(TrainerCallback):
             return control
         hooks = self._hooks(kwargs)
         if hooks:
-            with torch.enable_grad():
+            with torch.enable_grad(), _sharded_adapter_hint(hooks):
                 term, _ = hooks.regularization(value=False)
                 if term is not None:
                     term.backward()
@@ -212,7 +230,7 @@ class SubpeftCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
         hooks = self._hooks(kwargs)
         if hooks:
-            with self.around_step():
+            with self.around_step(), _sharded_adapter_hint(hooks):
                 hooks.step(state.global_step + 1)  # global_step is incremented after zero_grad()
             self.calls += 1
             self._take_events(hooks, state)
@@ -423,7 +441,8 @@ class SubpeftTrainer(Trainer):
         hooks = TrainingHooks(model)
         if not hooks or not model.training or not torch.is_grad_enabled():
             return result
-        term, _ = hooks.regularization(value=False)
+        with _sharded_adapter_hint(hooks):
+            term, _ = hooks.regularization(value=False)
         if term is None:
             return result
         if self._loss_scaled_for_ga(num_items_in_batch):

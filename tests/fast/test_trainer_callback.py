@@ -237,3 +237,27 @@ def test_fsdp2_keeps_exactly_the_trainable_tensors_whole_and_keeps_the_users_ign
         p.requires_grad_(True)
     trainer, plugin = _fsdp2_setup(full)
     assert keep(trainer) == [] and plugin.ignored_modules is None
+
+
+def test_a_sharded_adapter_gets_one_clear_error_from_the_hooks(tmp_path):
+    """A plain Trainer with SubpeftCallback under accelerate's FSDP2 shards the adapter too: AdaLoRA's
+    orthogonality term then meets DTensors outside the forward. The error names what to use instead."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from transformers import TrainerControl, TrainerState
+
+    tuned = _tuned(sp.AdaLoRA(r=2, target_r=1, total_steps=10, init_warmup=1, final_warmup=1, orth_reg=0.1,
+                              targets=["query"]))
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        adapter = next(m for m in tuned.modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.Parameter))
+        adapter.lora_A = torch.nn.Parameter(distribute_tensor(adapter.lora_A.detach(), mesh, [Replicate()]))
+        callback = SubpeftCallback()
+        with pytest.raises(ValueError, match="adalora: its training hook .* SubpeftTrainer") as exc:
+            callback.on_step_begin(_args(tmp_path), TrainerState(), TrainerControl(), model=tuned)
+        assert "DTensor" in str(exc.value.__cause__)
+    finally:
+        dist.destroy_process_group()
