@@ -35,8 +35,9 @@ _TASKS = (
     ("ForQuestionAnswering", "QUESTION_ANS"),
     ("Model", "FEATURE_EXTRACTION"),
 )
-# head names PEFT adds to modules_to_save for every classifier model, whichever the model has
-_PEFT_HEADS = ("classifier", "score")
+# head names PEFT adds to modules_to_save for every classifier model, whichever the model has ("pre_classifier",
+# DistilBERT's, since peft 0.22)
+_PEFT_HEADS = ("classifier", "score", "pre_classifier")
 # PEFT config fields that are bookkeeping (they do not change what a saved adapter computes)
 PEFT_BOOKKEEPING = frozenset({
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -171,7 +172,7 @@ class VirtualAdapter(PromptAdapter):
                     f"{name}={value}: was it trained on a different base model?"
                 )
         saved = config.modules_to_save
-        if saved:  # PEFT's classifier models list both "classifier" and "score": keep the one the model has
+        if saved:  # PEFT's classifier models list "classifier", "score" (and "pre_classifier"): keep what the model has
             leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
             saved = [n for n in saved if n not in _PEFT_HEADS or n in leaves] or None
         return config.replace(**dims, task_type=config.task_type or task_type(model), modules_to_save=saved)
