@@ -63,7 +63,6 @@ __all__ = [
     "ShardedAccess",
     "STRATEGIES",
     "all_reduce_sum",
-    "average_gradients",
     "barrier",
     "check_consistent",
     "end_process",
@@ -312,17 +311,9 @@ def sync_gradients(model: nn.Module) -> None:
         return
     from torch.distributed.tensor import DTensor
 
-    average_gradients([p for p in inner.parameters() if p.requires_grad and not isinstance(p, DTensor)])
-
-
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` (whole tensors, the same set on every rank) over all ranks, in one
-    ``all_reduce`` per dtype; parameters without a gradient are skipped (on every rank alike). Nothing when a
-    single process runs."""
-    if not active():
-        return
+    whole = [p for p in inner.parameters() if p.requires_grad and not isinstance(p, DTensor)]
     grads: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
+    for p in whole:
         if p.grad is not None:
             grads.setdefault(p.grad.dtype, []).append(p.grad)
     world = dist.get_world_size()

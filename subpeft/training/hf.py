@@ -144,6 +144,11 @@ def _write_changes_to_deepspeed_master(before: dict[nn.Parameter, torch.Tensor])
             safe_set_full_fp32_param(p, master)
 
 
+def _method_names(tuned: Any) -> list[str]:
+    """The methods of the active adapters, for error messages."""
+    return sorted({tuned.configs[n].method for n in getattr(tuned, "active_adapters", [])})
+
+
 @contextlib.contextmanager
 def _sharded_adapter_hint(hooks: TrainingHooks) -> Iterator[None]:
     """Turn the error a method's hook meets on a sharded adapter (FSDP2 DTensors, outside the forward) into one
@@ -153,8 +158,7 @@ def _sharded_adapter_hint(hooks: TrainingHooks) -> Iterator[None]:
     except RuntimeError as exc:
         if "DTensor" not in str(exc):
             raise
-        tuned = hooks.tuned
-        methods = sorted({tuned.configs[n].method for n in getattr(tuned, "active_adapters", [])}) or ["the method"]
+        methods = _method_names(hooks.tuned) or ["the method"]
         raise ValueError(
             f"{', '.join(methods)}: its training hook (loss term or step) reads the adapter as whole tensors, but this "
             "run shards the adapter (FSDP2 DTensors). With accelerate's FSDP2 use SubpeftTrainer, which keeps the "
@@ -264,7 +268,7 @@ class SubpeftTrainer(Trainer):
         if getattr(self, "is_deepspeed_enabled", False):
             for cb in callbacks:
                 cb.around_step = self._deepspeed_step_hook
-        self._whole_params: list[nn.Parameter] = self._keep_trainable_whole_under_fsdp2()
+        self._whole_under_fsdp2 = self._keep_trainable_whole_under_fsdp2()
         base = self._base_model()
         if base is not None:
             from transformers.utils import can_return_loss, find_labels
@@ -282,42 +286,40 @@ class SubpeftTrainer(Trainer):
                               for p in inspect.signature(base.forward).parameters.values())
             self.model_accepts_loss_kwargs = bool(accepts)
 
-    def _keep_trainable_whole_under_fsdp2(self) -> list[nn.Parameter]:
+    def _keep_trainable_whole_under_fsdp2(self) -> bool:
         """Under accelerate's FSDP2 (``fsdp_version=2``), keep a TunedModel's trainable tensors whole on every rank,
         as :func:`subpeft.distributed.shard` does: they are given to ``fully_shard`` as ignored parameters (through
         the plugin's ``ignored_modules``, added to any the user set), so FSDP2 shards the frozen base only, and the
         methods' hooks (AdaLoRA's budget and orthogonality term, LoRA-Dash's switch) see plain tensors.
-        :meth:`training_step` then averages their gradients over the ranks, as FSDP2 would. Returns those
-        tensors (empty when this does not apply: no FSDP2, not a TunedModel, everything trains, or a device mesh
-        with more than one dimension)."""
+        :meth:`training_step` then averages their gradients over the ranks, as FSDP2 would. Returns whether it
+        applies (not without FSDP2, for a model that is not a TunedModel, when everything trains, or with a device
+        mesh of more than one dimension)."""
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if getattr(self, "is_fsdp_enabled", False) else None
         if plugin is None or getattr(plugin, "fsdp_version", 1) != 2 or find_tuned(self.model) is None:
-            return []
+            return False
         mesh = getattr(self.accelerator, "torch_device_mesh", None)
         if mesh is not None and mesh.ndim > 1:
-            return []
-        params = list(self.model.parameters())
-        trainable = [p for p in params if p.requires_grad]
-        if not trainable or len(trainable) == len(params):
-            return []
+            return False
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if not names or len(names) == len(list(self.model.parameters())):
+            return False
         from .. import distributed  # noqa: F401  (registers the weight access of sharded base weights)
 
         given = plugin.ignored_modules
         if isinstance(given, str):
             pattern = re.compile(given)
             given = [m for name, m in self.model.named_modules() if pattern.fullmatch(name)]
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         plugin.ignored_modules = [*(given or []), _TrainableTensors(self.model, names)]
-        return trainable
+        return True
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
         if getattr(self, "is_deepspeed_enabled", False):
             self._capture_deepspeed_gradients()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._whole_params and self.accelerator.sync_gradients:  # the accumulation's last micro-batch
-            from ..distributed import average_gradients
+        if self._whole_under_fsdp2 and self.accelerator.sync_gradients:  # the accumulation's last micro-batch
+            from ..distributed import sync_gradients
 
-            average_gradients([p for p in model.parameters() if p.requires_grad and not _is_dtensor(p)])
+            sync_gradients(model)  # the whole trainable tensors' gradients, averaged as spd.shard's loop does
         return loss
 
     def _scheduled_trainables(self) -> list[nn.Parameter]:
@@ -374,9 +376,8 @@ class SubpeftTrainer(Trainer):
             with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None), torch.no_grad():
                 term, _ = hooks.regularization(value=False)
         if scheduled or term is not None:
-            methods = sorted({tuned.configs[n].method for n in tuned.active_adapters})
             raise ValueError(
-                f"{', '.join(methods)} under DeepSpeed ZeRO-3: the method's "
+                f"{', '.join(_method_names(tuned))} under DeepSpeed ZeRO-3: the method's "
                 f"{'step hook' if scheduled else 'regularization term'} reads the adapter (LoRA-Dash's switch also "
                 "the base weights) outside the forward, where ZeRO-3 keeps only this rank's partition; use ZeRO-1 "
                 "or ZeRO-2 (\"zero_optimization\": {\"stage\": 2}), DDP or FSDP2 for it")
